@@ -1,0 +1,99 @@
+"""``manifest.json`` of a text shard directory (format version 1).
+
+The manifest is the directory's table of contents and its resume point: the sharder rewrites
+it atomically after every shard, so the shards it lists are always whole and the recorded
+source position is exactly where the next shard starts. Downstream stages (tokenizer training,
+encoding) read the shard list from here rather than globbing, and fingerprint it to detect a
+stale tokenizer or token cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.atomic import atomic_write_json
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """The manifest is missing or malformed; the message names the file."""
+
+
+@dataclass
+class ShardEntry:
+    name: str
+    lines: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """What a shard directory holds and where its source stopped."""
+
+    source: dict[str, Any]
+    mode: str
+    split: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    shards: list[ShardEntry] = field(default_factory=list)
+    resume: dict[str, Any] = field(default_factory=dict)
+    complete: bool = False
+    version: int = MANIFEST_VERSION
+
+    @property
+    def total_lines(self) -> int:
+        return sum(s.lines for s in self.shards)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def shard_paths(self, directory: str | Path) -> list[Path]:
+        return [Path(directory) / s.name for s in self.shards]
+
+    def fingerprint(self) -> str:
+        """Content identity of the shard set: names and sha256 of every shard, in order."""
+        h = hashlib.sha256()
+        for s in self.shards:
+            h.update(f"{s.name}\0{s.sha256}\n".encode())
+        return h.hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["totals"] = {"shards": len(self.shards), "lines": self.total_lines, "bytes": self.total_bytes}
+        return data
+
+    def save(self, directory: str | Path) -> None:
+        atomic_write_json(Path(directory) / MANIFEST_NAME, self.to_dict())
+
+
+def load_manifest(directory: str | Path) -> Manifest:
+    """Read ``<directory>/manifest.json``; a missing or malformed file raises ManifestError."""
+    path = Path(directory) / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no manifest (is this a shard directory?)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: unreadable manifest: {exc}") from None
+    if data.get("version") != MANIFEST_VERSION:
+        raise ManifestError(f"{path}: manifest version {data.get('version')!r}, expected {MANIFEST_VERSION}")
+    try:
+        shards = [ShardEntry(**s) for s in data["shards"]]
+        return Manifest(
+            source=data["source"],
+            mode=data["mode"],
+            split=data["split"],
+            settings=data.get("settings", {}),
+            shards=shards,
+            resume=data.get("resume", {}),
+            complete=bool(data.get("complete", False)),
+        )
+    except (KeyError, TypeError) as exc:
+        raise ManifestError(f"{path}: malformed manifest: {exc}") from None

@@ -1,0 +1,266 @@
+"""Checkpoints: ``<tag>.safetensors`` + ``<tag>.state.pt`` + ``<tag>.config.json``, written atomically.
+
+A tag is whole when its three files exist, the safetensors file parses, the state loads with
+``weights_only=True`` and both carry the same step (the weights file is written last and records
+the step in its metadata, so a crash between two renames of an overwritten tag is detected, not
+mixed). ``--resume auto`` takes the newest whole tag and reports, then skips, a newer broken one.
+
+Saving is split in two so training does not wait on disk: :func:`capture` copies tensors to CPU
+(fast, synchronous), :class:`AsyncCheckpointer` writes them on a background thread.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from training.atomic import atomic_path, atomic_write_json, remove_stale_temporaries
+
+FORMAT = "podtrain-checkpoint-1"
+SUFFIXES = (".state.pt", ".config.json", ".safetensors")  # write order: weights last
+_STEP_TAG = re.compile(r"^step(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message names the path."""
+
+
+def step_tag(step: int) -> str:
+    return f"step{step:07d}"
+
+
+def rng_state() -> dict[str, Any]:
+    """All RNG states as weights_only-loadable values (numpy's array becomes a list)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+@dataclass
+class Snapshot:
+    """Everything a checkpoint holds, already on CPU and detached from the live training state."""
+
+    tag: str
+    step: int
+    weights: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    config: dict[str, Any]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def capture(tag: str, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], config: dict[str, Any]) -> Snapshot:
+    """Copy ``weights`` and the tensors inside ``state`` to CPU so training can go on mutating its own."""
+
+    def to_cpu(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.detach().to("cpu", copy=True)
+        if isinstance(value, dict):
+            return {k: to_cpu(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [to_cpu(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(to_cpu(v) for v in value)
+        return value
+
+    cpu_weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
+    return Snapshot(tag, step, cpu_weights, to_cpu({**state, "step": step, "format": FORMAT}), config)
+
+
+def write_snapshot(directory: str | Path, snap: Snapshot) -> None:
+    """Write the three files of ``snap``; on failure (a full disk) earlier checkpoints are untouched."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_path(directory / f"{snap.tag}.state.pt") as tmp:
+            torch.save(snap.state, tmp)
+        atomic_write_json(directory / f"{snap.tag}.config.json", {**snap.config, "_checkpoint": {"step": snap.step, "tag": snap.tag}})
+        with atomic_path(directory / f"{snap.tag}.safetensors") as tmp:
+            safetensors.torch.save_file(snap.weights, str(tmp), metadata={"format": FORMAT, "step": str(snap.step), **snap.metadata})
+    except OSError as exc:
+        raise CheckpointError(
+            f"{directory}: could not write checkpoint {snap.tag}: {exc.strerror or exc}; earlier checkpoints are untouched"
+        ) from exc
+
+
+@dataclass
+class Loaded:
+    tag: str
+    step: int
+    weights: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    config: dict[str, Any]
+
+
+def load_tag(directory: str | Path, tag: str) -> Loaded:
+    """Load and validate one tag; raise CheckpointError saying what is wrong."""
+    directory = Path(directory)
+    base = directory / tag
+    for suffix in SUFFIXES:
+        if not Path(f"{base}{suffix}").is_file():
+            raise CheckpointError(f"{base}{suffix}: missing (checkpoint {tag} is incomplete)")
+    try:
+        with safetensors.safe_open(f"{base}.safetensors", framework="pt") as fh:
+            meta = fh.metadata() or {}
+            weights = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error types for bad headers and truncation
+        raise CheckpointError(f"{base}.safetensors: unreadable weights ({exc})") from None
+    try:
+        state = torch.load(f"{base}.state.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, bad pickle
+        raise CheckpointError(f"{base}.state.pt: unreadable training state ({exc})") from None
+    try:
+        config = json.loads(Path(f"{base}.config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{base}.config.json: unreadable config ({exc})") from None
+    if meta.get("format") != FORMAT or state.get("format") != FORMAT:
+        raise CheckpointError(f"{base}: not a {FORMAT} checkpoint")
+    if str(state.get("step")) != meta.get("step"):
+        raise CheckpointError(f"{base}: weights (step {meta.get('step')}) and state (step {state.get('step')}) disagree")
+    config.pop("_checkpoint", None)
+    return Loaded(tag, int(state["step"]), weights, state, config)
+
+
+def list_tags(directory: str | Path) -> list[tuple[int, str]]:
+    """(step, tag) of every tag with a weights file, newest first (step tags before best/final at a tie)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.glob("*.safetensors"):
+        tag = path.name[: -len(".safetensors")]
+        if tag.startswith("."):
+            continue
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as fh:
+                step = int((fh.metadata() or {}).get("step", -1))
+        except Exception:
+            match = _STEP_TAG.match(tag)
+            step = int(match.group(1)) if match else -1
+        found.append((step, 0 if _STEP_TAG.match(tag) else 1, tag))
+    return [(step, tag) for step, _, tag in sorted(found, key=lambda t: (-t[0], t[1], t[2]))]
+
+
+def find_latest(directory: str | Path, warn: Callable[[str], None]) -> Loaded | None:
+    """The newest whole checkpoint in ``directory``; broken newer ones are reported through ``warn``."""
+    remove_stale_temporaries(directory)
+    for _, tag in list_tags(directory):
+        try:
+            return load_tag(directory, tag)
+        except CheckpointError as exc:
+            warn(f"skipping broken checkpoint: {exc}")
+    return None
+
+
+def resolve_resume(spec: str, checkpoint_dir: str | Path, warn: Callable[[str], None]) -> Loaded | None:
+    """``auto`` = newest whole tag in ``checkpoint_dir`` (None when there is none); else a tag path."""
+    if spec == "auto":
+        return find_latest(checkpoint_dir, warn)
+    path = Path(spec)
+    for suffix in SUFFIXES:
+        if path.name.endswith(suffix):
+            path = path.with_name(path.name[: -len(suffix)])
+    if path.is_dir():
+        loaded = find_latest(path, warn)
+        if loaded is None:
+            raise CheckpointError(f"--resume {spec}: no whole checkpoint in that directory")
+        return loaded
+    return load_tag(path.parent, path.name)
+
+
+def prune(directory: str | Path, keep_last_n: int, protect: set[str]) -> list[str]:
+    """Delete step tags beyond the newest ``keep_last_n``; never ``best``, ``final`` or ``protect``."""
+    directory = Path(directory)
+    steps = sorted((int(m.group(1)), tag) for _, tag in list_tags(directory) if (m := _STEP_TAG.match(tag)))
+    doomed = [tag for _, tag in steps[:-keep_last_n] if tag not in protect] if len(steps) > keep_last_n else []
+    for tag in doomed:
+        for suffix in reversed(SUFFIXES):  # weights first: a partly deleted tag is never "whole"
+            Path(directory, f"{tag}{suffix}").unlink(missing_ok=True)
+    return doomed
+
+
+def copy_original_config(source: str | Path | None, directory: str | Path) -> None:
+    """Copy the config file the run started from beside its checkpoints (reproducibility)."""
+    if source is None:
+        return
+    source, directory = Path(source), Path(directory)
+    target = directory / source.name
+    if source.resolve() != target.resolve():
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+
+
+class AsyncCheckpointer:
+    """Writes snapshots on one background thread; at most one write in flight.
+
+    ``save`` waits for the previous write first (bounding memory to one extra copy of the state)
+    and re-raises a failure of that write, so a full disk stops the run instead of passing silently.
+    ``after_write`` runs on the writer thread once a tag is whole (pruning old tags).
+    """
+
+    def __init__(self, directory: str | Path, after_write: Callable[[Snapshot], None] | None = None) -> None:
+        self.directory = Path(directory)
+        self.after_write = after_write
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_seconds = 0.0
+
+    def _write(self, snap: Snapshot) -> None:
+        import time
+
+        start = time.perf_counter()
+        try:
+            write_snapshot(self.directory, snap)
+            if self.after_write:
+                self.after_write(snap)
+        except BaseException as exc:
+            self._error = exc
+        self.last_seconds = time.perf_counter() - start
+
+    def save(self, snap: Snapshot, block: bool = False) -> None:
+        self.wait()
+        if block:
+            self._write(snap)
+            self._raise()
+            return
+        self._thread = threading.Thread(target=self._write, args=(snap,), name=f"ckpt-{snap.tag}")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err

@@ -1,0 +1,270 @@
+"""The training config schema: the single source of truth for a run.
+
+One tree of pydantic v2 models, read from YAML, JSON or TOML (by extension), with ``key=value``
+overrides on dotted paths. Unknown keys and wrong types fail with one line naming the file and
+the key path, so a typo never silently trains with a default. The orchestrator emits
+``training.yaml`` and ``training.toml`` from the same object, and both load back to it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".toml")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message is one line naming file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AttentionConfig(_Strict):
+    n_heads: int = Field(8, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1, description="GQA/MQA key-value heads; None = n_heads")
+
+
+class PositionalConfig(_Strict):
+    type: Literal["rope", "learned"] = "rope"
+    theta: float = Field(10000.0, gt=0)
+
+
+class FFNConfig(_Strict):
+    type: Literal["swiglu", "gelu"] = "swiglu"
+    hidden_size: int | None = Field(None, ge=1, description="None = 4*d_model (gelu) or 8/3*d_model rounded (swiglu)")
+
+
+class NormConfig(_Strict):
+    type: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    eps: float = Field(1e-5, gt=0)
+
+
+class ModelConfig(_Strict):
+    vocab_size: int = Field(32000, ge=2)
+    d_model: int = Field(512, ge=1)
+    num_layers: int = Field(6, ge=1)
+    max_seq_len: int = Field(2048, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    tie_embeddings: bool = True
+    parallel_layers: bool = False
+    bias: bool = False
+    init_std: float = Field(0.02, gt=0)
+    attention: AttentionConfig = Field(default_factory=AttentionConfig)
+    positional: PositionalConfig = Field(default_factory=PositionalConfig)
+    ffn: FFNConfig = Field(default_factory=FFNConfig)
+    norm: NormConfig = Field(default_factory=NormConfig)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.attention.n_kv_heads or self.attention.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.attention.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        if self.ffn.hidden_size:
+            return self.ffn.hidden_size
+        if self.ffn.type == "gelu":
+            return 4 * self.d_model
+        return 256 * math.ceil(8 * self.d_model / 3 / 256)
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "ModelConfig":
+        heads = self.attention.n_heads
+        if self.d_model % heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by attention.n_heads ({heads})")
+        if heads % self.n_kv_heads:
+            raise ValueError(f"attention.n_heads ({heads}) must be divisible by attention.n_kv_heads ({self.n_kv_heads})")
+        if self.positional.type == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head dimension, got d_model/n_heads = {self.head_dim}")
+        return self
+
+
+class OptimizerConfig(_Strict):
+    type: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+
+
+class SchedulerConfig(_Strict):
+    type: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    total_steps: int | None = Field(None, ge=1, description="Schedule length; None = num_steps")
+
+
+class DistributedConfig(_Strict):
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_s: int = Field(600, ge=10, description="Collective timeout: a dead rank fails the group, never hangs it")
+    reshard_after_forward: bool = True
+
+
+class TrainConfig(_Strict):
+    description: str = ""
+    train_data: str | list[str]
+    val_data: str | list[str] | None = None
+    tokenizer_path: str | None = None
+    seq_len: int = Field(1024, ge=1)
+    batch_size: int = Field(32, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    num_steps: int = Field(10000, ge=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
+    checkpoint_dir: str = "checkpoints"
+    save_every: int = Field(1000, ge=1)
+    save_every_minutes: float | None = Field(None, gt=0, description="Also checkpoint by wall-clock time")
+    keep_last_n: int = Field(3, ge=1)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(500, ge=1)
+    eval_steps: int = Field(50, ge=1)
+    use_wandb: bool = False
+    wandb_project: str = "light-llm"
+    wandb_run_name: str | None = None
+    seed: int = 42
+    num_workers: int = Field(4, ge=0, description="Batches prefetched by a background thread; 0 = none")
+    compile_model: bool = False
+    device: str = "auto"
+    activation_checkpointing: bool = False
+    tensorboard_dir: str | None = None
+    max_bad_steps: int = Field(5, ge=1, description="Consecutive non-finite steps that stop the run")
+    preemption_grace_s: float = Field(25.0, gt=0, description="Seconds between SIGTERM and SIGKILL we may use")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "TrainConfig":
+        if self.seq_len > self.model.max_seq_len:
+            raise ValueError(f"seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        return self
+
+    @property
+    def schedule_steps(self) -> int:
+        return self.scheduler.total_steps or self.num_steps
+
+    @property
+    def resolved_tensorboard_dir(self) -> Path:
+        return Path(self.tensorboard_dir) if self.tensorboard_dir else Path(self.checkpoint_dir) / "tensorboard"
+
+    def to_plain(self) -> dict[str, Any]:
+        """Every key with its resolved value, None dropped (TOML has no null)."""
+        return _drop_none(self.model_dump(mode="json"))
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML, JSON or TOML file into a dict; errors name the file."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in CONFIG_SUFFIXES:
+        raise ConfigError(f"{path}: unsupported config extension {suffix!r} (use .yaml, .yml, .json or .toml)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        if suffix == ".json":
+            data = json.loads(text)
+        elif suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"{path}: not valid {suffix.lstrip('.').upper()}: {detail}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a raw config dict; values are parsed as YAML scalars."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value (for example optimizer.lr=1e-3)")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
+    return data
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """Render pydantic errors as one line: ``source: key.path: message; ...``."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in err and not isinstance(err["input"], (dict, list)) and err["type"] != "missing":
+            msg = f"{msg} (got {err['input']!r})"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"{source}: " + "; ".join(parts)
+
+
+def validate_config(data: dict[str, Any], source: str = "<config>") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read ``path``, apply ``overrides``, validate. Relative data paths stay as written."""
+    data = apply_overrides(read_config_file(path), overrides or [])
+    return validate_config(data, str(path))
+
+
+def dump_config(config: TrainConfig, path: str | Path) -> None:
+    """Write ``config`` as YAML, JSON or TOML by the suffix of ``path``, atomically."""
+    import tomli_w
+
+    from training.atomic import atomic_write_text
+
+    path = Path(path)
+    plain = config.to_plain()
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        text = tomli_w.dumps(plain)
+    elif suffix == ".json":
+        text = json.dumps(plain, indent=2) + "\n"
+    elif suffix in (".yaml", ".yml"):
+        text = yaml.safe_dump(plain, sort_keys=False)
+    else:
+        raise ConfigError(f"{path}: unsupported config extension {suffix!r}")
+    atomic_write_text(path, text)

@@ -1,0 +1,206 @@
+"""Token windows from token shards, with an exact, resumable position.
+
+The stream is the concatenation of all shards in an order reshuffled each epoch from the seed;
+inside a shard, tokens are read linearly. A micro-batch is ``B*T + 1`` contiguous tokens cut into
+``B`` rows of inputs and the same rows shifted by one as targets (no padding, no waste), and the
+stream advances by ``B*T``. Under data parallelism every micro-step reads one global block of
+``world * B*T + 1`` tokens and rank ``r`` takes rows ``[r*B, (r+1)*B)``, so the union of the ranks'
+rows is exactly what one process with batch ``world*B`` would read: losses are comparable across
+world sizes and a checkpoint resumes on any world size.
+
+The position (epoch, index in the epoch's order, offset in that shard) is the loader state saved in
+checkpoints. Shards are memory-mapped per read rather than held open, which keeps RSS flat on long
+runs (nanoGPT PR #428).
+"""
+
+from __future__ import annotations
+
+import glob
+import queue
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from training.token_shards import TOKEN_SUFFIXES, open_tokens, read_header
+
+
+class DataError(ValueError):
+    """The configured data cannot be read; the message names the key and path."""
+
+
+def resolve_shards(spec: str | list[str], key: str = "train_data") -> list[Path]:
+    """Expand a path, glob, directory or list of them into token shard files (sorted, deduplicated)."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    found: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if any(ch in item for ch in "*?["):
+            matches = [Path(p) for p in sorted(glob.glob(item)) if Path(p).is_file()]
+        elif path.is_dir():
+            matches = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(TOKEN_SUFFIXES))
+        elif path.is_file():
+            matches = [path]
+        else:
+            raise DataError(f"{key}: {item} does not exist")
+        if not matches:
+            raise DataError(f"{key}: no token shards ({', '.join(TOKEN_SUFFIXES)}) found at {item}")
+        found.extend(matches)
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    return unique
+
+
+@dataclass
+class StreamState:
+    epoch: int = 0
+    index: int = 0
+    offset: int = 0
+
+
+class TokenStream:
+    """An endless, deterministic token stream over shards (reshuffled per epoch)."""
+
+    def __init__(self, paths: list[Path], seed: int, vocab_size: int, shuffle: bool = True, key: str = "train_data") -> None:
+        self.paths = paths
+        self.seed = seed
+        self.shuffle = shuffle
+        self.sizes = []
+        for p in paths:
+            header = read_header(p)
+            if header.vocab_size > vocab_size:
+                raise DataError(
+                    f"{key}: {p} was tokenized for a vocabulary of {header.vocab_size}, "
+                    f"larger than model.vocab_size={vocab_size}"
+                )
+            self.sizes.append(header.num_tokens)
+        self.vocab_size = vocab_size
+        self.total_tokens = sum(self.sizes)
+        if self.total_tokens < 2:
+            raise DataError(f"{key}: the shards hold {self.total_tokens} tokens; nothing to train on")
+        self.state = StreamState()
+        self._orders: dict[int, np.ndarray] = {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            idx = np.arange(len(self.paths))
+            if self.shuffle:
+                idx = np.random.default_rng([self.seed, epoch]).permutation(idx)
+            self._orders = {epoch: idx}
+        return self._orders[epoch]
+
+    def read(self, n: int, advance: int) -> np.ndarray:
+        """Return the next ``n`` tokens and move the position forward by ``advance`` (<= n)."""
+        out = np.empty(n, dtype=np.int64)
+        st = StreamState(**asdict(self.state))
+        filled = 0
+        new_state: StreamState | None = None
+        while filled < n:
+            if filled >= advance and new_state is None:
+                new_state = StreamState(**asdict(st))
+            shard = int(self.order(st.epoch)[st.index])
+            available = self.sizes[shard] - st.offset
+            if available <= 0:
+                st.index += 1
+                st.offset = 0
+                if st.index == len(self.paths):
+                    st.epoch, st.index = st.epoch + 1, 0
+                continue
+            take = min(available, n - filled)
+            if filled < advance < filled + take:
+                new_state = StreamState(st.epoch, st.index, st.offset + advance - filled)
+            tokens = open_tokens(self.paths[shard])
+            out[filled : filled + take] = tokens[st.offset : st.offset + take]
+            del tokens
+            filled += take
+            st.offset += take
+        self.state = new_state if new_state is not None else st
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self.state)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.state = StreamState(**{k: int(v) for k, v in state.items()})
+
+
+class BatchLoader:
+    """Micro-batches ``(x, y)`` of shape (B, T) for one rank, with the stream position as state."""
+
+    def __init__(self, stream: TokenStream, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1) -> None:
+        self.stream, self.B, self.T = stream, batch_size, seq_len
+        self.rank, self.world = rank, world_size
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.B * self.T
+        block = self.stream.read(self.world * rows + 1, advance=self.world * rows)
+        mine = torch.from_numpy(block[self.rank * rows : (self.rank + 1) * rows + 1])
+        return mine[:-1].view(self.B, self.T), mine[1:].view(self.B, self.T)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.stream.load_state_dict(state)
+
+
+class Prefetcher:
+    """Reads the next batches on a background thread so the step never waits on disk.
+
+    Batches are produced strictly in order and each carries the loader state *after* it, so the
+    state reported is that of the last batch consumed: exact resume is unaffected by prefetching.
+    """
+
+    def __init__(self, loader: BatchLoader, depth: int) -> None:
+        self.loader = loader
+        self.depth = depth
+        self._state = loader.state_dict()
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        if depth > 0:
+            self._queue = queue.Queue(maxsize=depth)
+            self._thread = threading.Thread(target=self._run, name="batch-prefetch", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        assert self._queue is not None
+        while not self._stop.is_set():
+            try:
+                item = (*self.loader.next_batch(), self.loader.state_dict())
+            except BaseException as exc:  # surface reader errors in the training thread
+                item = exc
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._queue is None:
+            x, y = self.loader.next_batch()
+            self._state = self.loader.state_dict()
+            return x, y
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        x, y, self._state = item
+        return x, y
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self._state)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def iter_eval_batches(stream: TokenStream, batch_size: int, seq_len: int, steps: int, rank: int, world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``steps`` batches of the validation stream, from its start every time (comparable evals)."""
+    stream.load_state_dict(asdict(StreamState()))
+    loader = BatchLoader(stream, batch_size, seq_len, rank, world)
+    for _ in range(steps):
+        yield loader.next_batch()

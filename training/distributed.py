@@ -1,0 +1,187 @@
+"""Process group, model wrapping (none / DDP / FSDP2) and portable state dicts.
+
+Everything the trainer needs to know about parallelism goes through :class:`Dist`, so the training
+step reads the same on one CPU and on 64 GPUs. Settings come from the torchrun environment
+(``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``), so multi-node
+``torchrun --nnodes`` needs no code change.
+
+Checkpoints are always *full* state dicts keyed by parameter name
+(``torch.distributed.checkpoint.state_dict``): FSDP shards are gathered on save and re-sharded
+on load, which is what lets a checkpoint written by 2 ranks resume on 1 and the other way round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from training.config import DistributedConfig
+
+
+def resolve_device(spec: str, local_rank: int) -> torch.device:
+    """``auto``: CUDA (this rank's GPU), else Apple MPS, else CPU."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            spec = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            spec = "mps"
+        else:
+            spec = "cpu"
+    if spec == "cuda":
+        spec = f"cuda:{local_rank}"
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {spec} requested but CUDA is not available")
+        torch.cuda.set_device(device)
+    return device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    strategy: str  # none | ddp | fsdp
+    device: torch.device
+    reshard_after_forward: bool = True
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def initialized(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def wrap(self, model: nn.Module, param_dtype: torch.dtype | None) -> nn.Module:
+        """Apply the strategy. FSDP2 shards each block, then the root (embeddings, head)."""
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DDP(model, device_ids=ids)
+        if self.strategy == "fsdp":
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+            for block in model.layers:  # type: ignore[attr-defined]
+                fully_shard(block, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+            fully_shard(model, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+        return model
+
+    @contextlib.contextmanager
+    def grad_sync(self, model: nn.Module, enabled: bool) -> Iterator[None]:
+        """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
+        if enabled or self.strategy == "none":
+            yield
+        elif self.strategy == "ddp":
+            with model.no_sync():  # type: ignore[operator]
+                yield
+        else:
+            model.set_requires_gradient_sync(False)  # type: ignore[operator]
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value /= self.world_size
+        return value
+
+    def any_flag(self, *flags: bool) -> list[bool]:
+        """Agree on flags across ranks (true anywhere = true everywhere): stop, save-now."""
+        if self.world_size == 1:
+            return list(flags)
+        t = torch.tensor([float(f) for f in flags], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def model_state(self, model: nn.Module, tied: bool) -> dict[str, torch.Tensor]:
+        """Full weights on rank 0 (empty elsewhere under FSDP); a tied head is stored once."""
+        sd = get_model_state_dict(model, options=self._FULL)
+        if tied:
+            sd.pop("lm_head.weight", None)
+        return sd
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return get_optimizer_state_dict(model, optimizer, options=self._FULL)
+
+    def load_model_state(self, model: nn.Module, weights: dict[str, torch.Tensor], tied: bool) -> None:
+        expected = set(get_model_state_dict(model).keys()) - ({"lm_head.weight"} if tied else set())
+        missing, unexpected = expected - set(weights), set(weights) - expected
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint weights do not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    def shutdown(self) -> None:
+        if self.initialized:
+            dist.destroy_process_group()
+
+
+def setup(cfg: DistributedConfig, device_spec: str) -> Dist:
+    """Read the torchrun environment, pick the strategy, start the process group when needed."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    strategy = cfg.strategy
+    if strategy == "auto":
+        strategy = "ddp" if world > 1 else "none"
+    if strategy == "none" and world > 1:
+        raise ValueError(f"distributed.strategy: 'none' cannot run on {world} processes (use auto, ddp or fsdp)")
+    device = resolve_device(device_spec, local_rank)
+    if strategy != "none":
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend=backend,
+                rank=rank,
+                world_size=world,
+                timeout=datetime.timedelta(seconds=cfg.timeout_s),
+                device_id=device if device.type == "cuda" else None,
+            )
+    return Dist(rank, local_rank, world, strategy, device, cfg.reshard_after_forward)

@@ -1,0 +1,97 @@
+"""Throughput, MFU and the run log (console, TensorBoard, optional Weights & Biases).
+
+MFU is model FLOPs per second over the device's dense bf16 peak, from a table of known GPUs;
+on an unknown device (a CPU, a new card) MFU is not shown rather than guessed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name().
+# Order matters: the first match wins, so specific names come before general ones.
+GPU_PEAK_BF16: list[tuple[str, float]] = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A6000", 155e12),
+    ("A40", 150e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("V100", 125e12),
+]
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of ``device``, or None when unknown (then MFU is not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in GPU_PEAK_BF16:
+        if key in name:
+            return peak
+    return None
+
+
+def mfu(tokens_per_second: float, flops_per_token: float, peak: float | None, world_size: int = 1) -> float | None:
+    if not peak:
+        return None
+    return tokens_per_second * flops_per_token / (peak * world_size)
+
+
+class RunLog:
+    """Console lines on rank 0, TensorBoard scalars, and W&B when ``use_wandb`` (imported lazily)."""
+
+    def __init__(self, enabled: bool, tensorboard_dir: Path, wandb_cfg: dict[str, Any] | None, console: Console | None = None) -> None:
+        self.enabled = enabled
+        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        tensorboard_dir.mkdir(parents=True, exist_ok=True)
+        self.tb = SummaryWriter(log_dir=str(tensorboard_dir))
+        if wandb_cfg is not None:
+            import wandb  # optional dependency: only needed when use_wandb is true
+
+            self.wandb = wandb.init(**wandb_cfg)
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message, markup=False, highlight=False)
+
+    def warn(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(f"warning: {message}", style="yellow", markup=False, highlight=False)
+
+    def scalars(self, step: int, values: dict[str, float | None]) -> None:
+        if not self.enabled:
+            return
+        present = {k: v for k, v in values.items() if v is not None}
+        if self.tb is not None:
+            for key, value in present.items():
+                self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(present, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

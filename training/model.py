@@ -1,0 +1,198 @@
+"""A decoder-only transformer built from ``ModelConfig``.
+
+Llama-style by default (RMSNorm, RoPE, SwiGLU, no biases) with module names chosen so a
+checkpoint maps one to one onto Hugging Face ``LlamaForCausalLM`` (``q_proj``, ``gate_proj``,
+``input_layernorm``...); GELU MLPs, LayerNorm, learned positions, GQA/MQA and PaLM-style
+parallel blocks are switches of the same classes. Rotary embeddings use the half-split
+(``rotate_half``) convention, which is what HF applies to unpermuted weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from training.config import ModelConfig
+
+
+def _norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm.type == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm.eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm.eps, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (max_len, head_dim) in the half-split layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) queries or keys by position; tables are (T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.attention.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.bias)
+        self.o_proj.residual_projection = True  # type: ignore[attr-defined]
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.n_kv_heads != self.n_heads:
+            repeat = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        hidden = cfg.ffn_hidden
+        self.swiglu = cfg.ffn.type == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+        self.down_proj.residual_projection = True  # type: ignore[attr-defined]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm block; with ``parallel_layers`` attention and MLP read the same normed input (PaLM)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.parallel = cfg.parallel_layers
+        self.input_layernorm = _norm(cfg)
+        self.self_attn = Attention(cfg)
+        if not self.parallel:
+            self.post_attention_layernorm = _norm(cfg)
+        self.mlp = MLP(cfg)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if self.parallel:
+            return x + self.resid_dropout(self.self_attn(h, rope) + self.mlp(h))
+        x = x + self.resid_dropout(self.self_attn(h, rope))
+        return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.activation_checkpointing = False
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positional.type == "learned" else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = _norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        if cfg.positional.type == "rope":
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.positional.theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2 init: N(0, std), residual projections scaled by 1/sqrt(2 * layers) to keep the stream's variance flat."""
+        std = self.cfg.init_std
+        if isinstance(module, nn.Linear):
+            if getattr(module, "residual_projection", False):
+                std = std / math.sqrt(2 * self.cfg.num_layers)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def reset_rope(self) -> None:
+        """Recompute the rotary tables (after building on the meta device and materialising)."""
+        if self.cfg.positional.type == "rope":
+            cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.positional.theta, self.rope_cos.device)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        T = idx.shape[1]
+        x = self.embed_tokens(idx)
+        rope = None
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(torch.arange(T, device=idx.device))
+        else:
+            rope = (self.rope_cos[:T], self.rope_sin[:T])
+        x = self.dropout(x)
+        for block in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 50) -> torch.Tensor:
+        """Sample continuations (no KV cache: for demos and smoke checks, not serving)."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.cfg.max_seq_len :])
+            logits = logits[:, -1, :] / max(temperature, 1e-5)
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), 1)), dim=1)
+        return idx
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (a tied embedding counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, num_params: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus 12·L·d·T for attention scores (PaLM appendix B).
+
+    N excludes embedding lookups that do no matmul: learned positions, and the input table when untied.
+    """
+    n = num_params
+    if cfg.positional.type == "learned":
+        n -= cfg.max_seq_len * cfg.d_model
+    if not cfg.tie_embeddings:
+        n -= cfg.vocab_size * cfg.d_model
+    return 6.0 * n + 12.0 * cfg.num_layers * cfg.d_model * seq_len
+
+
+def build_meta_model(cfg: ModelConfig) -> Transformer:
+    """Build on the meta device: shapes and counts for any size at no memory cost."""
+    with torch.device("meta"):
+        return Transformer(cfg)

@@ -15,6 +15,7 @@ import json
 import random
 import re
 import shutil
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +103,7 @@ def write_snapshot(directory: str | Path, snap: Snapshot) -> None:
     try:
         with atomic_path(directory / f"{snap.tag}.state.pt") as tmp:
             torch.save(snap.state, tmp)
-        atomic_write_json(directory / f"{snap.tag}.config.json", {**snap.config, "_checkpoint": {"step": snap.step, "tag": snap.tag}})
+        atomic_write_json(directory / f"{snap.tag}.config.json", snap.config)
         with atomic_path(directory / f"{snap.tag}.safetensors") as tmp:
             safetensors.torch.save_file(snap.weights, str(tmp), metadata={"format": FORMAT, "step": str(snap.step), **snap.metadata})
     except OSError as exc:
@@ -145,12 +146,14 @@ def load_tag(directory: str | Path, tag: str) -> Loaded:
         raise CheckpointError(f"{base}: not a {FORMAT} checkpoint")
     if str(state.get("step")) != meta.get("step"):
         raise CheckpointError(f"{base}: weights (step {meta.get('step')}) and state (step {state.get('step')}) disagree")
-    config.pop("_checkpoint", None)
     return Loaded(tag, int(state["step"]), weights, state, config)
 
 
 def list_tags(directory: str | Path) -> list[tuple[int, str]]:
-    """(step, tag) of every tag with a weights file, newest first (step tags before best/final at a tie)."""
+    """(step, tag) of every tag with a weights file, newest first (step tags before best/final at a tie).
+
+    A weights file whose header cannot be read sorts first, so that resuming reports it as broken.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -162,9 +165,8 @@ def list_tags(directory: str | Path) -> list[tuple[int, str]]:
         try:
             with safetensors.safe_open(str(path), framework="pt") as fh:
                 step = int((fh.metadata() or {}).get("step", -1))
-        except Exception:
-            match = _STEP_TAG.match(tag)
-            step = int(match.group(1)) if match else -1
+        except Exception:  # unreadable header: rank it first so find_latest reports it, then falls back
+            step = sys.maxsize
         found.append((step, 0 if _STEP_TAG.match(tag) else 1, tag))
     return [(step, tag) for step, _, tag in sorted(found, key=lambda t: (-t[0], t[1], t[2]))]
 

@@ -308,6 +308,8 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
 
 def _summary(console: Console, cfg: TrainConfig, r: TrainResult, num_params: int) -> None:
     table = Table(title="training summary", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
     last_loss = r.losses[max(r.losses)] if r.losses else float("nan")
     rows = [
         ("parameters", f"{num_params / 1e6:.2f}M"),

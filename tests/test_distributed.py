@@ -1,0 +1,113 @@
+"""torchrun on the CPU (gloo, 2 processes): DDP and FSDP2 match one process, checkpoints move between
+world sizes, SIGTERM mid-run resumes on the same curve, and a dead rank brings the group down."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_config
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def write_config(corpus, out: Path, strategy: str, **overrides) -> Path:
+    world = 1 if strategy == "none" else 2
+    settings = dict(batch_size=8 // world, gradient_accumulation_steps=2, num_steps=6, eval_every=3, save_every=3,
+                    keep_last_n=10, scheduler__total_steps=400)
+    cfg = tiny_config(corpus, out, **{**settings, **overrides})
+    cfg["distributed"] = {"strategy": strategy, "timeout_s": 60}
+    path = out / f"{strategy}.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def launch(config: Path, strategy: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    cmd = ([sys.executable, "-m", "training"] if strategy == "none" else [*TORCHRUN, "-m", "training"]) + [str(config), *args]
+    proc = subprocess.run(cmd, cwd=config.parent, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def losses(out: Path, key: str = "loss") -> dict[int, float]:
+    """Last value per step (a resumed run logs the steps after its checkpoint again)."""
+    found: dict[int, float] = {}
+    for line in (out / "ckpt" / "metrics.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if key in entry:
+            found[entry["step"]] = entry[key]
+    return found
+
+
+def assert_close(a: dict[int, float], b: dict[int, float], steps) -> None:
+    for s in steps:
+        assert abs(a[s] - b[s]) <= 1e-5, f"step {s}: {a[s]} vs {b[s]}"
+
+
+@pytest.fixture(scope="module")
+def reference(byte_corpus, tmp_path_factory) -> dict[int, float]:
+    """One process, global batch 8 x 2 accumulation, 12 steps."""
+    out = tmp_path_factory.mktemp("single")
+    launch(write_config(byte_corpus, out, "none", num_steps=12), "none")
+    return losses(out)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(byte_corpus, tmp_path, reference, strategy) -> None:
+    proc = launch(write_config(byte_corpus, tmp_path, strategy), strategy)
+    assert proc.stdout.count("global batch: 4 x 2 accumulation x 2 ranks = 16 sequences") == 1  # rank 0 alone logs
+    assert_close(losses(tmp_path), reference, range(1, 7))
+
+
+@pytest.mark.parametrize("first, second", [("fsdp", "none"), ("none", "ddp")])
+def test_checkpoint_resumes_on_another_world_size(byte_corpus, tmp_path, reference, first, second) -> None:
+    launch(write_config(byte_corpus, tmp_path, first), first)
+    proc = launch(write_config(byte_corpus, tmp_path, second, num_steps=9), second, "--resume", "auto")
+    assert "resumed from" in proc.stdout and "at step 6" in proc.stdout
+    assert_close(losses(tmp_path), reference, range(1, 10))
+
+
+def test_sigterm_mid_run_then_resume_follows_the_same_curve(byte_corpus, tmp_path, reference) -> None:
+    config = write_config(byte_corpus, tmp_path, "ddp", num_steps=400, save_every=1000, eval_every=1000)
+    proc = subprocess.Popen([*TORCHRUN, "-m", "training", str(config)], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    metrics = tmp_path / "ckpt" / "metrics.jsonl"
+    deadline = time.time() + 90
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks, as a stopping pod does
+    out, _ = proc.communicate(timeout=90)
+    assert "stopped by signal" in out, out[-3000:]
+    stopped = max(losses(tmp_path))
+    assert stopped < 12
+    assert (tmp_path / "ckpt" / f"step{stopped:07d}.safetensors").exists()
+    launch(write_config(byte_corpus, tmp_path, "ddp", num_steps=12, save_every=1000, eval_every=1000), "ddp", "--resume", "auto")
+    assert_close(losses(tmp_path), reference, range(1, 13))
+
+
+def test_a_dead_rank_brings_the_group_down_without_hanging(byte_corpus, tmp_path) -> None:
+    config = write_config(byte_corpus, tmp_path, "ddp", num_steps=100000, save_every=100000, eval_every=100000)
+    proc = subprocess.Popen([*TORCHRUN, "-m", "training", str(config)], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "ckpt" / "metrics.jsonl"
+    deadline = time.time() + 90
+    while time.time() < deadline and not metrics.exists():
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGKILL)
+    t0 = time.time()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert time.time() - t0 < 90
+    assert "SIGKILL" in out or "Signal 9" in out or "exitcode" in out

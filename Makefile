@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/trainer.py
 	$(BIN)/python bench/sharder.py
 	$(BIN)/python bench/tokenize.py
+	$(BIN)/python bench/memory_plan.py
 
 clean:
 	rm -rf $(VENV) workspace

@@ -14,6 +14,13 @@ measured here, since a CPU has no published bf16 peak.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# `python bench/X.py` puts bench/ first on sys.path, where bench/tokenize.py would shadow the
+# standard library's tokenize (imported by inspect, which torch imports): drop it first.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import json
 import platform

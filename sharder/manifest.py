@@ -10,12 +10,11 @@ stale tokenizer or token cache.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.atomic import atomic_write_json
+from training.atomic import atomic_write_json, read_versioned_json
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -27,15 +26,25 @@ class ManifestError(ValueError):
 
 @dataclass
 class ShardEntry:
+    """One whole shard: ``bytes`` and ``sha256`` are of the file as stored (compressed for .gz),
+    ``text_bytes`` the UTF-8 size of its lines uncompressed (0 in manifests that predate it)."""
+
     name: str
     lines: int
     bytes: int
     sha256: str
+    text_bytes: int = 0
 
 
 @dataclass
 class Manifest:
-    """What a shard directory holds and where its source stopped."""
+    """What a shard directory holds and where its source stopped (docs/data.md lists every key).
+
+    ``settings`` is what a later run must match to add to the directory (source, mode, split,
+    lines_per_shard, gzip, text_field, min_text_length, format_version; val_ratio and seed in
+    split mode); ``resume`` the stream position after the last shard; ``complete`` is true once
+    the source was exhausted or --take reached.
+    """
 
     source: dict[str, Any]
     mode: str
@@ -54,6 +63,10 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
 
+    @property
+    def total_text_bytes(self) -> int:
+        return sum(s.text_bytes for s in self.shards)
+
     def shard_paths(self, directory: str | Path) -> list[Path]:
         return [Path(directory) / s.name for s in self.shards]
 
@@ -66,7 +79,12 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["totals"] = {"shards": len(self.shards), "lines": self.total_lines, "bytes": self.total_bytes}
+        data["totals"] = {
+            "shards": len(self.shards),
+            "lines": self.total_lines,
+            "bytes": self.total_bytes,
+            "text_bytes": self.total_text_bytes,
+        }
         return data
 
     def save(self, directory: str | Path) -> None:
@@ -76,14 +94,7 @@ class Manifest:
 def load_manifest(directory: str | Path) -> Manifest:
     """Read ``<directory>/manifest.json``; a missing or malformed file raises ManifestError."""
     path = Path(directory) / MANIFEST_NAME
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: no manifest (is this a shard directory?)") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"{path}: unreadable manifest: {exc}") from None
-    if data.get("version") != MANIFEST_VERSION:
-        raise ManifestError(f"{path}: manifest version {data.get('version')!r}, expected {MANIFEST_VERSION}")
+    data = read_versioned_json(path, MANIFEST_VERSION, "no manifest (is this a shard directory?)", ManifestError)
     try:
         shards = [ShardEntry(**s) for s in data["shards"]]
         return Manifest(

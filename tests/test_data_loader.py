@@ -1,4 +1,4 @@
-"""Token windows: contiguous packing, per-epoch reshuffle, exact state, ranks partitioning the batch."""
+"""Token windows: contiguous rows, per-epoch reshuffle of shards and windows, exact state, ranks partitioning the batch."""
 
 from __future__ import annotations
 
@@ -29,15 +29,24 @@ def test_windows_are_contiguous_and_targets_shifted(counting_shards) -> None:
     assert loader.next_batch()[0][0, 0].item() == 10  # advanced by B*T, no token skipped
 
 
-def test_epochs_reshuffle_shard_order_from_the_seed(counting_shards) -> None:
+def test_epochs_reshuffle_shards_and_windows_from_the_seed(counting_shards) -> None:
     stream = TokenStream(counting_shards, seed=3, vocab_size=1000)
     orders = [tuple(stream.order(e)) for e in range(6)]
     assert len(set(orders)) > 1
     assert orders == [tuple(TokenStream(counting_shards, seed=3, vocab_size=1000).order(e)) for e in range(6)]
-    tokens = stream.read(3000, advance=3000)  # three whole epochs, crossing shard boundaries
-    for epoch in range(3):
-        chunk = tokens[epoch * 1000 : (epoch + 1) * 1000]
-        assert sorted(chunk.tolist()) == list(range(1000))
+    per_epoch = 29 + 39 + 29  # (tokens - 1) // seq_len windows in each shard
+    rows = stream.read_rows(3 * per_epoch, seq_len=10)  # three whole epochs, crossing shard boundaries
+    assert (np.diff(rows, axis=1) == 1).all()  # every window is contiguous tokens of one shard
+    epochs = [rows[e * per_epoch : (e + 1) * per_epoch, 0].tolist() for e in range(3)]
+    for starts in epochs:  # each epoch visits every window once, in a shuffled order
+        assert sorted(starts) == sorted([*range(0, 290, 10), *range(300, 690, 10), *range(700, 990, 10)])
+        assert starts != sorted(starts)
+    assert len({tuple(e) for e in epochs}) == 3
+
+
+def test_too_short_shards_are_a_clear_error(counting_shards) -> None:
+    with pytest.raises(DataError, match=r"train_data: the shards hold 1,000 tokens in all, not one window of seq_len\+1=401"):
+        TokenStream(counting_shards, seed=0, vocab_size=1000).read_rows(1, seq_len=400)
 
 
 def test_state_resumes_exactly(counting_shards) -> None:

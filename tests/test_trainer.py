@@ -159,3 +159,33 @@ def test_preset_menu_on_a_terminal(tmp_path) -> None:
     text = output.decode(errors="replace")
     assert "1.97B parameters (2560 x 24 layers" in text  # the menu shows descriptions
     assert "parameters: 1,973,414,400" in text and os.waitstatus_to_exitcode(status) == 0
+
+
+def test_wall_clock_checkpoints(byte_corpus, tmp_path) -> None:
+    run(byte_corpus, tmp_path, num_steps=6, save_every=1000, eval_every=1000, save_every_minutes=1e-6, keep_last_n=10)
+    assert {p.name for p in (tmp_path / "ckpt").glob("step*.safetensors")} == {f"step{s:07d}.safetensors" for s in range(1, 6)}
+
+
+def _can_mount_private_tmpfs() -> bool:
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_private_tmpfs(), reason="needs unshare and tmpfs mounts (user namespaces)")
+def test_disk_full_while_saving_is_a_clear_error_and_keeps_earlier_checkpoints(byte_corpus, tmp_path) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    cfg = tiny_config(byte_corpus, tmp_path, num_steps=40, save_every=10, eval_every=1000, keep_last_n=5)
+    cfg["checkpoint_dir"] = str(volume / "ckpt")
+    cfg["tensorboard_dir"] = str(tmp_path / "tb")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    # A private 2.5 MB filesystem: one checkpoint (~1.6 MB) fits, the second does not.
+    shell = (f"mount -t tmpfs -o size=2500k tmpfs {volume} && {sys.executable} -m training {tmp_path / 'c.yaml'}; rc=$?; "
+             f"{sys.executable} -c \"from training.checkpoint import load_tag; print('intact', load_tag('{volume / 'ckpt'}', 'step0000010').step)\"; "
+             f"ls -a {volume / 'ckpt'}; exit $rc")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", shell], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("train: error: ") and "could not write checkpoint step0000020" in error
+    assert "No space left on device" in error and "earlier checkpoints are untouched" in error
+    assert "intact 10" in proc.stdout and ".tmp-" not in proc.stdout

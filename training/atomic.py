@@ -89,3 +89,18 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> int:
             path.unlink()
             removed += 1
     return removed
+
+
+def read_versioned_json(path: Path, version: int, missing: str, error: type[Exception]) -> dict[str, Any]:
+    """Load a JSON object written with a ``version`` key; a missing, unreadable or other-version file
+    raises ``error`` with one line naming the file (``missing`` says what its absence means)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: unreadable: {exc}") from None
+    if not isinstance(data, dict) or data.get("version") != version:
+        found = data.get("version") if isinstance(data, dict) else None
+        raise error(f"{path}: format version {found!r}, expected {version}")
+    return data

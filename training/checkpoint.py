@@ -96,19 +96,46 @@ def capture(tag: str, step: int, weights: dict[str, torch.Tensor], state: dict[s
     return Snapshot(tag, step, cpu_weights, to_cpu({**state, "step": step, "format": FORMAT}), config)
 
 
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def snapshot_bytes(snap: Snapshot) -> int:
+    """Bytes the three files will take, within a small margin (tensor data dominates)."""
+    return _nbytes(snap.weights) + _nbytes(snap.state) + 1_000_000
+
+
 def write_snapshot(directory: str | Path, snap: Snapshot) -> None:
-    """Write the three files of ``snap``; on failure (a full disk) earlier checkpoints are untouched."""
+    """Write the three files of ``snap``; on failure (a full disk) earlier checkpoints are untouched.
+
+    Free space is checked first, so a volume that cannot hold the checkpoint fails before anything
+    is written; a failure during the write (a race with another writer) is reported the same way.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    need, free = snapshot_bytes(snap), shutil.disk_usage(directory).free
+    if need > free:
+        raise CheckpointError(
+            f"{directory}: could not write checkpoint {snap.tag}: No space left on device "
+            f"(needs {need / 1e6:,.1f} MB, {free / 1e6:,.1f} MB free); earlier checkpoints are untouched"
+        )
     try:
         with atomic_path(directory / f"{snap.tag}.state.pt") as tmp:
             torch.save(snap.state, tmp)
         atomic_write_json(directory / f"{snap.tag}.config.json", snap.config)
         with atomic_path(directory / f"{snap.tag}.safetensors") as tmp:
             safetensors.torch.save_file(snap.weights, str(tmp), metadata={"format": FORMAT, "step": str(snap.step), **snap.metadata})
-    except OSError as exc:
+    except Exception as exc:  # OSError, or torch/safetensors wrapping one (torch reports ENOSPC as RuntimeError)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
         raise CheckpointError(
-            f"{directory}: could not write checkpoint {snap.tag}: {exc.strerror or exc}; earlier checkpoints are untouched"
+            f"{directory}: could not write checkpoint {snap.tag}: {reason} "
+            f"({shutil.disk_usage(directory).free / 1e6:,.1f} MB free); earlier checkpoints are untouched"
         ) from exc
 
 
@@ -255,6 +282,11 @@ class AsyncCheckpointer:
             return
         self._thread = threading.Thread(target=self._write, args=(snap,), name=f"ckpt-{snap.tag}")
         self._thread.start()
+
+    def poll(self) -> None:
+        """Re-raise the failure of a finished background write (called every step: fail fast)."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
 
     def wait(self) -> None:
         if self._thread is not None:

@@ -20,7 +20,7 @@ from training.data import DataError
 from training.token_shards import TokenShardError
 
 EXIT_USAGE = 2
-app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> None:

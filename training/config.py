@@ -251,13 +251,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
 
 
 def dump_config(config: TrainConfig, path: str | Path) -> None:
-    """Write ``config`` as YAML, JSON or TOML by the suffix of ``path``, atomically."""
+    """Write ``config`` as YAML, JSON or TOML by the suffix of ``path``, atomically.
+
+    Only keys that were set are written, so a default stays a default when the file is loaded
+    again (the CPU float32 rule depends on whether ``dtype`` was given) and the file reads like
+    the config a person wrote.
+    """
     import tomli_w
 
     from training.atomic import atomic_write_text
 
     path = Path(path)
-    plain = config.to_plain()
+    plain = _drop_none(config.model_dump(mode="json", exclude_unset=True))
     suffix = path.suffix.lower()
     if suffix == ".toml":
         text = tomli_w.dumps(plain)

@@ -1,16 +1,22 @@
-"""Token windows from token shards, with an exact, resumable position.
+"""Training windows from token shards, shuffled, with an exact, resumable position.
 
-The stream is the concatenation of all shards in an order reshuffled each epoch from the seed;
-inside a shard, tokens are read linearly. A micro-batch is ``B*T + 1`` contiguous tokens cut into
-``B`` rows of inputs and the same rows shifted by one as targets (no padding, no waste), and the
-stream advances by ``B*T``. Under data parallelism every micro-step reads one global block of
-``world * B*T + 1`` tokens and rank ``r`` takes rows ``[r*B, (r+1)*B)``, so the union of the ranks'
-rows is exactly what one process with batch ``world*B`` would read: losses are comparable across
-world sizes and a checkpoint resumes on any world size.
+A window is ``T + 1`` contiguous tokens starting at a multiple of ``T`` inside one shard: the input
+row and, shifted by one, its targets (no padding; a window may span document boundaries, which the
+end-of-text token marks, as in GPT-2 pretraining). Each epoch visits the shards in an order
+reshuffled from the seed and, inside a shard, its windows in an order reshuffled from (seed, epoch,
+shard). Reading windows in file order instead (llm.c's contiguous ``B*T`` blocks) makes every batch
+a few neighbouring documents; on a corpus whose shards keep documents in source order that doubles
+the validation loss of a short run, so windows are shuffled (nanoGPT samples random offsets, which
+cannot resume exactly; this order can).
 
-The position (epoch, index in the epoch's order, offset in that shard) is the loader state saved in
-checkpoints. Shards are memory-mapped per read rather than held open, which keeps RSS flat on long
-runs (nanoGPT PR #428).
+Under data parallelism every micro-step takes one global block of ``world * B`` windows and rank
+``r`` keeps rows ``[r*B, (r+1)*B)``, so the union of the ranks' rows is exactly what one process with
+batch ``world*B`` would read: losses are comparable across world sizes and a checkpoint resumes on
+any world size.
+
+The position (epoch, index in the epoch's shard order, window in that shard's order) is the loader
+state saved in checkpoints. Shards are memory-mapped per read rather than held open, which keeps RSS
+flat on long runs (nanoGPT PR #428).
 """
 
 from __future__ import annotations
@@ -57,16 +63,17 @@ def resolve_shards(spec: str | list[str], key: str = "train_data") -> list[Path]
 class StreamState:
     epoch: int = 0
     index: int = 0
-    offset: int = 0
+    offset: int = 0  # position in the current shard's window order
 
 
 class TokenStream:
-    """An endless, deterministic token stream over shards (reshuffled per epoch)."""
+    """An endless, deterministic stream of windows over shards (reshuffled per epoch)."""
 
     def __init__(self, paths: list[Path], seed: int, vocab_size: int, shuffle: bool = True, key: str = "train_data") -> None:
         self.paths = paths
         self.seed = seed
         self.shuffle = shuffle
+        self.key = key
         self.sizes = []
         for p in paths:
             header = read_header(p)
@@ -78,12 +85,12 @@ class TokenStream:
             self.sizes.append(header.num_tokens)
         self.vocab_size = vocab_size
         self.total_tokens = sum(self.sizes)
-        if self.total_tokens < 2:
-            raise DataError(f"{key}: the shards hold {self.total_tokens} tokens; nothing to train on")
         self.state = StreamState()
         self._orders: dict[int, np.ndarray] = {}
+        self._windows: dict[tuple[int, int, int], np.ndarray] = {}
 
     def order(self, epoch: int) -> np.ndarray:
+        """The order in which ``epoch`` visits the shards."""
         if epoch not in self._orders:
             idx = np.arange(len(self.paths))
             if self.shuffle:
@@ -91,32 +98,38 @@ class TokenStream:
             self._orders = {epoch: idx}
         return self._orders[epoch]
 
-    def read(self, n: int, advance: int) -> np.ndarray:
-        """Return the next ``n`` tokens and move the position forward by ``advance`` (<= n)."""
-        out = np.empty(n, dtype=np.int64)
+    def windows(self, epoch: int, shard: int, seq_len: int) -> np.ndarray:
+        """Start offsets of ``shard``'s windows in the order ``epoch`` visits them."""
+        key = (epoch, shard, seq_len)
+        if key not in self._windows:
+            starts = np.arange(max(0, (self.sizes[shard] - 1) // seq_len), dtype=np.int64) * seq_len
+            if self.shuffle:
+                starts = np.random.default_rng([self.seed, epoch, shard]).permutation(starts)
+            self._windows = {key: starts}
+        return self._windows[key]
+
+    def read_rows(self, n: int, seq_len: int) -> np.ndarray:
+        """The next ``n`` windows as an ``(n, seq_len + 1)`` array; the position moves past them."""
+        if max(self.sizes) < seq_len + 1:
+            raise DataError(f"{self.key}: the shards hold {self.total_tokens:,} tokens in all, "
+                            f"not one window of seq_len+1={seq_len + 1} in any shard")
+        out = np.empty((n, seq_len + 1), dtype=np.int64)
         st = StreamState(**asdict(self.state))
         filled = 0
-        new_state: StreamState | None = None
         while filled < n:
-            if filled >= advance and new_state is None:
-                new_state = StreamState(**asdict(st))
             shard = int(self.order(st.epoch)[st.index])
-            available = self.sizes[shard] - st.offset
-            if available <= 0:
-                st.index += 1
-                st.offset = 0
+            starts = self.windows(st.epoch, shard, seq_len)[st.offset : st.offset + n - filled]
+            if len(starts) == 0:
+                st.index, st.offset = st.index + 1, 0
                 if st.index == len(self.paths):
                     st.epoch, st.index = st.epoch + 1, 0
                 continue
-            take = min(available, n - filled)
-            if filled < advance < filled + take:
-                new_state = StreamState(st.epoch, st.index, st.offset + advance - filled)
             tokens = open_tokens(self.paths[shard])
-            out[filled : filled + take] = tokens[st.offset : st.offset + take]
+            out[filled : filled + len(starts)] = tokens[starts[:, None] + np.arange(seq_len + 1)]
             del tokens
-            filled += take
-            st.offset += take
-        self.state = new_state if new_state is not None else st
+            filled += len(starts)
+            st.offset += len(starts)
+        self.state = st
         return out
 
     def state_dict(self) -> dict[str, int]:
@@ -134,10 +147,9 @@ class BatchLoader:
         self.rank, self.world = rank, world_size
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self.B * self.T
-        block = self.stream.read(self.world * rows + 1, advance=self.world * rows)
-        mine = torch.from_numpy(block[self.rank * rows : (self.rank + 1) * rows + 1])
-        return mine[:-1].view(self.B, self.T), mine[1:].view(self.B, self.T)
+        block = self.stream.read_rows(self.world * self.B, self.T)
+        mine = torch.from_numpy(block[self.rank * self.B : (self.rank + 1) * self.B])
+        return mine[:, :-1].contiguous(), mine[:, 1:].contiguous()
 
     def state_dict(self) -> dict[str, int]:
         return self.stream.state_dict()
@@ -199,7 +211,7 @@ class Prefetcher:
 
 
 def iter_eval_batches(stream: TokenStream, batch_size: int, seq_len: int, steps: int, rank: int, world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``steps`` batches of the validation stream, from its start every time (comparable evals)."""
+    """The first ``steps`` batches of the validation stream, from its start every time: the same windows at every eval."""
     stream.load_state_dict(asdict(StreamState()))
     loader = BatchLoader(stream, batch_size, seq_len, rank, world)
     for _ in range(steps):

@@ -163,9 +163,13 @@ class Dist:
 
 def setup(cfg: DistributedConfig, device_spec: str) -> Dist:
     """Read the torchrun environment, pick the strategy, start the process group when needed."""
-    rank = int(os.environ.get("RANK", 0))
+    # Only a launcher's environment counts: torchrun always sets LOCAL_RANK, while RunPod's Instant
+    # Clusters export WORLD_SIZE (all GPUs of the cluster) to every shell, where a plain
+    # `python -m training` must stay one process.
+    launched = "LOCAL_RANK" in os.environ
+    rank = int(os.environ.get("RANK", 0)) if launched else 0
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = int(os.environ.get("WORLD_SIZE", 1)) if launched else 1
     strategy = cfg.strategy
     if strategy == "auto":
         strategy = "ddp" if world > 1 else "none"

@@ -6,6 +6,7 @@ on an unknown device (a CPU, a new card) MFU is not shown rather than guessed.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,23 @@ class RunLog:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def trim_metrics(path: Path, step: int) -> int:
+    """Drop rows after ``step`` from a metrics.jsonl (a run killed after its last checkpoint logged
+    steps that the resumed run will log again); returns how many rows were dropped."""
+    from training.atomic import atomic_write_text
+
+    if not path.exists():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a row torn by the kill
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
+    return len(lines) - len(kept)

@@ -30,7 +30,7 @@ from training import checkpoint as ckpt
 from training.config import TrainConfig
 from training.data import BatchLoader, Prefetcher, TokenStream, iter_eval_batches, resolve_shards
 from training.distributed import Dist, setup
-from training.metrics import RunLog, device_peak_flops, mfu
+from training.metrics import RunLog, device_peak_flops, mfu, trim_metrics
 from training.model import Transformer, count_parameters, flops_per_token
 from training.optim import build_optimizer, build_scheduler
 from training.precision import Precision, resolve_precision
@@ -153,7 +153,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                          cfg.batch_size, cfg.seq_len, dist.rank, dist.world_size)
     val_stream = None
     if cfg.val_data:
-        val_stream = TokenStream(resolve_shards(cfg.val_data, "val_data"), cfg.seed, cfg.model.vocab_size, shuffle=False, key="val_data")
+        val_stream = TokenStream(resolve_shards(cfg.val_data, "val_data"), cfg.seed, cfg.model.vocab_size, key="val_data")
 
     step, tokens_seen, best_val = 0, 0, math.inf
     loaded = ckpt.resolve_resume(resume, ckpt_dir, log.warn) if resume else None
@@ -171,6 +171,8 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
             log.warn(f"world size changed ({len(rngs)} -> {dist.world_size}): RNG streams re-seeded from seed and step")
             _seed_everything(cfg.seed + 1000003 * step + dist.rank)
         log.info(f"resumed from {ckpt_dir / loaded.tag} at step {step}")
+        if dist.is_main and (dropped := trim_metrics(ckpt_dir / "metrics.jsonl", step)):
+            log.info(f"metrics.jsonl: dropped {dropped} rows logged after step {step} by the interrupted run")
         del loaded
     else:
         if resume == "auto":
@@ -248,6 +250,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                 bad_steps += 1
                 log.warn(f"non-finite loss at step {step + 1} ({bad_steps}/{cfg.max_bad_steps} in a row): step skipped")
             optimizer.zero_grad(set_to_none=True)
+            writer.poll()
             if bad_steps >= cfg.max_bad_steps:
                 save(ckpt.step_tag(step), block=True)
                 log.info(f"stopping: {bad_steps} non-finite losses in a row; last good weights saved as {ckpt.step_tag(step)} "

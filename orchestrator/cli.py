@@ -1,0 +1,101 @@
+"""``orchestrate``: the whole pipeline in one command, plus ``orchestrate pod ...`` and ``orchestrate tokenizer ...``.
+
+    orchestrate --mode cloud|local --input PATH... --experiment NAME --train-shard-lines N
+                [--validation PATH] [--reuse-shards] [--tokenizer-json PATH] [--config CONFIG]
+                [--workspace ROOT] [--dry-run] [--stop-after STAGE] [key=value ...]
+
+Environment knobs (the pod's): RUN_EXPERIMENT (--experiment), RUN_CONFIG (--config), RUN_SHARD
+(1: shard the inputs, 0: reuse existing shards), SHARD_LINES (--train-shard-lines).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from orchestrator.pipeline import Pipeline, PipelineError, PipelineOptions
+from orchestrator.stages import STAGE_NAMES, StageFailed, summary_table
+
+EXIT_USAGE = 2
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  help=__doc__ + "\nSub-commands: `orchestrate pod --help`, `orchestrate tokenizer --help`.")
+
+
+def _run_shard_env() -> bool | None:
+    value = os.environ.get("RUN_SHARD")
+    if value is None or value == "":
+        return None
+    if value not in ("0", "1"):
+        print(f"orchestrate: error: RUN_SHARD={value!r}: expected 0 or 1", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
+    return value == "1"
+
+
+@app.command()
+def pipeline(
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides written into the emitted training config"),
+    mode: str = typer.Option("local", "--mode", help="cloud (/workspace, HF caches enforced) or local (./workspace)"),
+    inputs: Optional[List[str]] = typer.Option(None, "--input", help="text/jsonl/parquet files or globs, or hf:OWNER/DATASET[/CONFIG]"),
+    experiment: Optional[str] = typer.Option(None, "--experiment", envvar="RUN_EXPERIMENT", help="names every per-run folder"),
+    train_shard_lines: int = typer.Option(250_000, "--train-shard-lines", envvar="SHARD_LINES", help="documents per text shard"),
+    validation: Optional[List[str]] = typer.Option(None, "--validation", help="a separate validation corpus (else a split by --val-ratio)"),
+    reuse_shards: bool = typer.Option(False, "--reuse-shards", help="keep the existing shard folders (no sharding)"),
+    tokenizer_json: Optional[str] = typer.Option(None, "--tokenizer-json", help="reuse this tokenizer.json (or HF tokenizer folder)"),
+    config: Optional[str] = typer.Option(None, "--config", envvar="RUN_CONFIG", help="base training config (default by mode)"),
+    workspace: Optional[Path] = typer.Option(None, "--workspace", help="workspace root (default /workspace or ./workspace)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and touch nothing"),
+    stop_after: str = typer.Option("train", "--stop-after", help=f"last stage to run: {', '.join(STAGE_NAMES)}"),
+    val_ratio: float = typer.Option(0.01, "--val-ratio", help="validation share when no --validation is given"),
+    take: Optional[int] = typer.Option(None, "--take", help="stop sharding after this many documents"),
+    gzip: bool = typer.Option(False, "--gzip", help="write .txt.gz text shards"),
+    text_field: str = typer.Option("text", "--text-field", help="column holding the document text"),
+    tokenizer_sample_gb: float = typer.Option(2.0, "--tokenizer-sample-gb", help="text sampled to train the tokenizer"),
+) -> None:
+    if mode not in ("cloud", "local"):
+        print(f"orchestrate: error: --mode {mode!r}: expected cloud or local", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
+    shard_env = _run_shard_env()
+    shard = not reuse_shards and (shard_env if shard_env is not None else True)
+    if shard_env is None and not inputs and not reuse_shards:
+        shard = True  # an error below names --input
+    console = Console(highlight=False, soft_wrap=True)
+    opts = PipelineOptions(mode=mode, inputs=list(inputs or []), validation=list(validation or []), experiment=experiment,
+                           train_shard_lines=train_shard_lines, shard=shard, tokenizer_json=tokenizer_json, config=config,
+                           workspace=workspace, stop_after=stop_after, overrides=list(overrides or []), val_ratio=val_ratio,
+                           take=take, gzip=gzip, text_field=text_field, tokenizer_sample_bytes=int(tokenizer_sample_gb * 1e9))
+    try:
+        pipe = Pipeline(opts, console)
+        console.print(f"orchestrate: mode {mode}, experiment {pipe.layout.experiment}, workspace {pipe.layout.root}, "
+                      f"config {pipe.config_path}", markup=False)
+        records = pipe.run(dry_run=dry_run)
+    except PipelineError as exc:
+        print(f"orchestrate: error: {exc}", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
+    except StageFailed as exc:
+        print(f"orchestrate: error: {exc}", file=sys.stderr)
+        raise typer.Exit(exc.exit_code)
+    console.print(summary_table(records, "plan (dry run: nothing touched)" if dry_run else "pipeline summary"))
+
+
+def main() -> None:
+    """Dispatch ``pod``/``tokenizer`` sub-commands; everything else is the pipeline (which takes key=value)."""
+    args = sys.argv[1:]
+    if args and args[0] == "pod":
+        from orchestrator.pod_cli import app as pod_app
+
+        pod_app(args=args[1:], prog_name="orchestrate pod")
+    elif args and args[0] == "tokenizer":
+        from orchestrator.tokenizer_cli import app as tokenizer_app
+
+        tokenizer_app(args=args[1:], prog_name="orchestrate tokenizer")
+    else:
+        app(args=args, prog_name="orchestrate")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""The whole pipeline as five stages: layout → shard → tokenizer → emit → train.
+
+Each stage is a plain function over :class:`PipelineOptions` and the :class:`Layout`; the runner in
+``orchestrator.stages`` decides, from completion markers, which ones need to run. Everything here
+is callable from Python; ``orchestrator.cli`` is only argument parsing.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from orchestrator.encode import EncodeError, encode_shards
+from orchestrator.stages import STAGE_NAMES, Stage, StageRecord, run_stages
+from orchestrator.tokenizer import META_FILE, TOKENIZER_FILE, TokenizerBundle, TokenizerError, prepare_tokenizer
+from orchestrator.workspace import Layout, LayoutError
+from sharder.errors import ShardError, ShardInterrupted
+from sharder.manifest import ManifestError, load_manifest
+from sharder.pipeline import ShardOptions, run_shard
+from training.checkpoint import list_tags
+from training.config import ConfigError, TrainConfig, apply_overrides, dump_config, load_config, read_config_file, validate_config
+from training.token_shards import TOKEN_SUFFIX, TokenShardError, read_header
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = {"cloud": "configs/runpod_1b.yaml", "local": "configs/m3_medium.yaml"}
+
+
+class PipelineError(ValueError):
+    """A user error in the pipeline's inputs; one line (or a short listing) naming what is wrong."""
+
+
+@dataclass
+class PipelineOptions:
+    mode: str = "local"
+    inputs: list[str] = field(default_factory=list)
+    validation: list[str] = field(default_factory=list)
+    experiment: str | None = None
+    train_shard_lines: int = 250_000
+    shard: bool = True  # False: reuse the shard folders as they are (--reuse-shards, RUN_SHARD=0)
+    tokenizer_json: str | None = None
+    config: str | None = None
+    workspace: Path | None = None
+    stop_after: str = "train"
+    overrides: list[str] = field(default_factory=list)
+    val_ratio: float = 0.01
+    take: int | None = None
+    gzip: bool = False
+    text_field: str = "text"
+    tokenizer_sample_bytes: int = 2_000_000_000
+    gpus: int | None = None  # None: torch.cuda.device_count()
+
+    def config_path(self) -> Path:
+        raw = Path(self.config or DEFAULT_CONFIG[self.mode])
+        if not raw.is_absolute() and not raw.exists() and (PROJECT_ROOT / raw).exists():
+            return PROJECT_ROOT / raw
+        return raw
+
+    def experiment_name(self) -> str:
+        return self.experiment or self.config_path().stem.replace("_", "-")
+
+
+def _hf_spec(item: str) -> tuple[str, str | None]:
+    """``hf:owner/name[/config]`` -> (dataset, config)."""
+    parts = item[3:].strip("/").split("/")
+    if len(parts) < 2 or not all(parts):
+        raise PipelineError(f"--input {item}: expected hf:OWNER/DATASET[/CONFIG], e.g. hf:HuggingFaceFW/fineweb/sample-10BT")
+    return "/".join(parts[:2]), "/".join(parts[2:]) or None
+
+
+def _input_identity(items: list[str], flag: str) -> list[Any]:
+    """What identifies the inputs without reading them: names, sizes and mtimes of local files."""
+    found: list[Any] = []
+    for item in items:
+        if item.startswith("hf:"):
+            found.append(item)
+            continue
+        paths = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
+        if not paths or not all(Path(p).exists() for p in paths):
+            raise PipelineError(f"{flag} {item}: no such file")
+        for p in paths:
+            files = sorted(x for x in Path(p).rglob("*") if x.is_file()) if Path(p).is_dir() else [Path(p)]
+            found.extend((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return found
+
+
+def _shard_options(opts: PipelineOptions, layout: Layout, items: list[str], mode: str, split: str, overwrite: bool) -> ShardOptions:
+    hub = [i for i in items if i.startswith("hf:")]
+    if hub and len(items) > 1:
+        raise PipelineError("--input: an hf: dataset cannot be mixed with other inputs in one run")
+    common = dict(mode=mode, split=split, lines_per_shard=opts.train_shard_lines, val_ratio=opts.val_ratio, take=opts.take,
+                  gzip=opts.gzip, text_field=opts.text_field, experiment=layout.experiment, workspace=layout.root,
+                  overwrite=overwrite)
+    if hub:
+        dataset, name = _hf_spec(hub[0])
+        return ShardOptions(dataset=dataset, name=name, **common)
+    return ShardOptions(input=items, **common)
+
+
+def _manifest_fp(directory: Path) -> str | None:
+    try:
+        return load_manifest(directory).fingerprint()
+    except ManifestError:
+        return None
+
+
+def _has_shards(directory: Path) -> bool:
+    try:
+        return bool(load_manifest(directory).shards)
+    except ManifestError:
+        return False
+
+
+def token_shard_report(directory: Path) -> tuple[int, list[str]]:
+    """(total tokens, listing) of the token shards in ``directory``."""
+    total, listing = 0, []
+    for path in sorted(directory.glob(f"*{TOKEN_SUFFIX}")) if directory.is_dir() else []:
+        try:
+            n = read_header(path).num_tokens
+        except TokenShardError as exc:
+            listing.append(f"    {path.name}: BROKEN ({exc})")
+            continue
+        total += n
+        listing.append(f"    {path.name}: {n:,} tokens")
+    return total, listing
+
+
+def check_token_dirs(cfg: TrainConfig) -> None:
+    """Before launch: every configured shard path exists and holds tokens, or abort with a listing."""
+    problems = []
+    for key, value in (("train_data", cfg.train_data), ("val_data", cfg.val_data)):
+        for item in ([value] if isinstance(value, str) else value or []):
+            path = Path(item)
+            total, listing = token_shard_report(path)
+            if total == 0:
+                others = [f"    {p.name}" for p in sorted(path.iterdir()) if not p.name.endswith(TOKEN_SUFFIX)] if path.is_dir() else []
+                there = "\n".join(listing + others) or ("    (directory is empty)" if path.is_dir() else "    (does not exist)")
+                problems.append(f"  {key}: expected token shards (*{TOKEN_SUFFIX}) with tokens in {path}; found:\n{there}")
+    if problems:
+        raise PipelineError("missing or empty shards, not launching:\n" + "\n".join(problems))
+
+
+class Pipeline:
+    """Builds the stage list for one invocation; ``run()`` executes or plans it."""
+
+    def __init__(self, opts: PipelineOptions, console: Console | None = None) -> None:
+        if opts.stop_after not in STAGE_NAMES:
+            raise PipelineError(f"--stop-after {opts.stop_after!r}: expected one of {', '.join(STAGE_NAMES)}")
+        if opts.train_shard_lines < 1:
+            raise PipelineError(f"--train-shard-lines {opts.train_shard_lines}: must be at least 1")
+        self.opts = opts
+        self.console = console or Console(highlight=False, soft_wrap=True)
+        try:
+            self.layout = Layout.for_mode(opts.mode, opts.experiment_name(), opts.workspace)
+        except LayoutError as exc:
+            raise PipelineError(str(exc)) from None
+        self.config_path = opts.config_path()
+        try:
+            self.base_config = load_config(self.config_path, opts.overrides)  # fail fast, before any stage
+        except ConfigError as exc:
+            raise PipelineError(str(exc)) from None
+        if opts.shard and not opts.inputs:
+            raise PipelineError("--input: required to shard (or pass --reuse-shards / RUN_SHARD=0 to use existing shards)")
+        self.input_ids = _input_identity(opts.inputs, "--input") if opts.shard else []
+        self.validation_ids = _input_identity(opts.validation, "--validation") if opts.shard else []
+
+    # -- stages -------------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        L, o = self.layout, self.opts
+        shard_inputs = ({"inputs": self.input_ids, "validation": self.validation_ids, "lines": o.train_shard_lines,
+                         "val_ratio": o.val_ratio, "take": o.take, "gzip": o.gzip, "text_field": o.text_field}
+                        if o.shard else {"reuse": [_manifest_fp(L.train_text), _manifest_fp(L.val_text)]})
+        tok_inputs = {"shards": shard_inputs, "vocab_size": self.base_config.model.vocab_size,
+                      "tokenizer_json": o.tokenizer_json, "sample_bytes": o.tokenizer_sample_bytes}
+        emit_inputs = {"tokenizer": tok_inputs, "config": self.config_path.read_text(encoding="utf-8"),
+                       "overrides": o.overrides, "root": str(L.root)}
+        all_stages = [
+            Stage("layout", {"root": str(L.root), "experiment": L.experiment}, self.layout_stage,
+                  lambda: all(d.is_dir() for d in L.directories()), plan=f"create {L.root}/{{datasets,artifacts,cache,runs,hf_cache}}"),
+            Stage("shard", shard_inputs, self.shard_stage, lambda: _has_shards(L.train_text),
+                  plan=(f"shard {', '.join(o.inputs)} -> {L.train_text}, {L.val_text}" if o.shard else f"reuse shards in {L.train_text}")),
+            Stage("tokenizer", tok_inputs, self.tokenizer_stage,
+                  lambda: (L.tokenizer / META_FILE).exists() and token_shard_report(L.train_tokens)[0] > 0,
+                  plan=f"train or reuse {L.tokenizer}; encode -> {L.train_tokens}"),
+            Stage("emit", emit_inputs, self.emit_stage,
+                  lambda: (L.run / "training.yaml").exists() and (L.run / "training.toml").exists(),
+                  plan=f"{self.config_path} -> {L.run / 'training.yaml'}, training.toml"),
+            Stage("train", {"emit": emit_inputs}, self.train_stage, self._training_finished,
+                  plan=f"train --resume auto -> {L.run / 'checkpoints'}"),
+        ]
+        return all_stages[: STAGE_NAMES.index(o.stop_after) + 1]
+
+    def layout_stage(self, changed: bool) -> dict[str, Any]:
+        made = self.layout.create()
+        env = self.layout.apply_hf_environment(enforce=self.opts.mode == "cloud")
+        return {"result": f"{len(made)} directories created", "hf": env}
+
+    def shard_stage(self, changed: bool) -> dict[str, Any]:
+        L, o = self.layout, self.opts
+        if not o.shard:
+            missing = [str(d) for d in (L.train_text,) if not _has_shards(d)]
+            if missing:
+                raise PipelineError(f"--reuse-shards: no shards in {', '.join(missing)} (run with --input, or RUN_SHARD=1)")
+            return {"result": f"reused {len(load_manifest(L.train_text).shards)} train shards"}
+        overwrite = changed
+        if overwrite:
+            self.console.print("[stage] shard: inputs changed since the last run; re-sharding from scratch", markup=False)
+        runs = ([_shard_options(o, L, o.inputs, "prod", "train", overwrite), _shard_options(o, L, o.validation, "prod", "val", overwrite)]
+                if o.validation else [_shard_options(o, L, o.inputs, "split", "train", overwrite)])
+        docs = secs = mb = 0.0
+        for options in runs:
+            result = run_shard(options, console=self.console)
+            for split in result.splits.values():
+                docs += split.new_documents
+                mb += split.new_text_bytes / 1e6
+            secs += result.seconds
+        return {"documents": docs, "seconds": secs,
+                "throughput": f"{docs / secs:,.0f} docs/s, {mb / secs:.1f} MB/s" if secs and docs else "shards up to date"}
+
+    def tokenizer_stage(self, changed: bool) -> dict[str, Any]:
+        L, o = self.layout, self.opts
+        tokenizer_json = o.tokenizer_json
+        if tokenizer_json is None and (L.tokenizer / TOKENIZER_FILE).exists() and not (L.tokenizer / META_FILE).exists():
+            tokenizer_json = str(L.tokenizer / TOKENIZER_FILE)  # a tokenizer.json placed by hand (seed layout)
+            self.console.print(f"[stage] tokenizer: importing the tokenizer.json found in {L.tokenizer}", markup=False)
+        if changed and tokenizer_json is None and (L.tokenizer / META_FILE).exists():
+            aside = L.tokenizer.with_name(L.tokenizer.name + ".previous")
+            shutil.rmtree(aside, ignore_errors=True)
+            L.tokenizer.rename(aside)
+            self.console.print(f"[stage] tokenizer: shards or settings changed; retraining (previous bundle kept at {aside})", markup=False)
+        bundle, status = prepare_tokenizer([L.train_text], L.tokenizer, self.base_config.model.vocab_size,
+                                           tokenizer_json=Path(tokenizer_json) if tokenizer_json else None,
+                                           sample_bytes=o.tokenizer_sample_bytes, console=self.console)
+        results = [encode_shards(L.train_text, L.train_tokens, bundle, console=self.console)]
+        if _has_shards(L.val_text):
+            results.append(encode_shards(L.val_text, L.val_tokens, bundle, console=self.console))
+        tokens = sum(r.tokens for r in results)
+        secs = sum(r.seconds for r in results)
+        return {"tokenizer": status, "vocab_size": bundle.vocab_size, "tokens": tokens,
+                "throughput": f"tokenizer {status}; {tokens / secs:,.0f} tokens/s" if secs and tokens else f"tokenizer {status}; shards up to date"}
+
+    def emitted_config(self) -> TrainConfig:
+        """The base config with every workspace path filled in, then the user's key=value overrides."""
+        L = self.layout
+        data = read_config_file(self.config_path)
+        data.update({
+            "train_data": str(L.train_tokens),
+            "val_data": str(L.val_tokens) if token_shard_report(L.val_tokens)[0] > 0 else None,
+            "tokenizer_path": str(L.tokenizer),
+            "checkpoint_dir": str(L.run / "checkpoints"),
+            "tensorboard_dir": str(L.run / "tensorboard"),
+        })
+        if data["val_data"] is None:
+            del data["val_data"]
+        return validate_config(apply_overrides(data, self.opts.overrides), str(self.config_path))
+
+    def emit_stage(self, changed: bool) -> dict[str, Any]:
+        L = self.layout
+        cfg = self.emitted_config()
+        bundle = TokenizerBundle.load(L.tokenizer)
+        if bundle.vocab_size > cfg.model.vocab_size:
+            raise PipelineError(f"{self.config_path}: model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                                f"{bundle.vocab_size} ids ({L.tokenizer})")
+        check_token_dirs(cfg)
+        for name in ("training.yaml", "training.toml"):
+            dump_config(cfg, L.run / name)
+            if load_config(L.run / name) != cfg:  # the promise: both files load back to the same config
+                raise PipelineError(f"{L.run / name}: does not load back to the emitted config")
+        return {"result": f"{L.run / 'training.yaml'}, training.toml", "train_data": str(cfg.train_data)}
+
+    def _training_finished(self) -> bool:
+        tags = list_tags(self.layout.run / "checkpoints")
+        try:
+            target = load_config(self.layout.run / "training.yaml").num_steps
+        except ConfigError:
+            return False
+        return any(tag == "final" and step >= target for step, tag in tags)
+
+    def train_stage(self, changed: bool) -> dict[str, Any]:
+        cfg = load_config(self.layout.run / "training.yaml")
+        check_token_dirs(cfg)
+        code = launch_training(self.layout.run / "training.yaml", self.opts.gpus, self.console)
+        if code != 0:
+            raise TrainingExit(code)
+        metrics = [json.loads(x) for x in (Path(cfg.checkpoint_dir) / "metrics.jsonl").read_text().splitlines()
+                   ] if (Path(cfg.checkpoint_dir) / "metrics.jsonl").exists() else []
+        tps = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
+        return {"result": str(cfg.checkpoint_dir), "throughput": f"{tps[-1]:,.0f} tokens/s" if tps else ""}
+
+    def run(self, dry_run: bool = False) -> list[StageRecord]:
+        if not dry_run:
+            self.layout.apply_hf_environment(enforce=self.opts.mode == "cloud")
+        return run_stages(self.stages(), self.layout.stages, self.console, dry_run=dry_run, user_errors=USER_ERRORS)
+
+
+class TrainingExit(RuntimeError):
+    """The trainer exited non-zero; its code is passed on (143 after SIGTERM, 3 on divergence)."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(f"the trainer exited with code {exit_code}")
+        self.exit_code = exit_code
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    PipelineError, ShardError, ShardInterrupted, TokenizerError, EncodeError, ConfigError, ManifestError, TrainingExit,
+)
+
+
+def training_command(config: Path, gpus: int) -> list[str]:
+    """``python -m training CONFIG --resume auto``, through torchrun on more than one GPU."""
+    train = ["-m", "training", str(config), "--resume", "auto"]
+    if gpus > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", *train]
+    return [sys.executable, *train]
+
+
+def launch_training(config: Path, gpus: int | None, console: Console) -> int:
+    """Run the trainer as a child and forward SIGTERM/SIGINT to it once, so it can checkpoint and exit."""
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    cmd = training_command(config, gpus)
+    console.print(f"[stage] train: {' '.join(cmd)}", markup=False)
+    child = subprocess.Popen(cmd, start_new_session=True)  # its own group: a Ctrl-C reaches it once, from us
+
+    def forward(signum: int, frame: Any) -> None:
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

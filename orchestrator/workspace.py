@@ -1,0 +1,102 @@
+"""The standard workspace layout (seed "Cloud Pipeline Entrypoint") and its Hugging Face cache rules.
+
+```
+<root>/datasets/train/<experiment>     text shards (sharder)
+<root>/datasets/val/<experiment>
+<root>/artifacts/tokenizer/<experiment>  tokenizer bundle
+<root>/cache/<experiment>/tokens/{train,val}  token shards
+<root>/runs/<experiment>               training.yaml/.toml, checkpoints/, tensorboard/, stages/
+<root>/hf_cache                        HF_HOME (datasets cache under hf_cache/datasets)
+```
+``/workspace`` in cloud mode (the RunPod volume), ``./workspace`` in local mode.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+CLOUD_ROOT = Path("/workspace")
+LOCAL_ROOT = Path("workspace")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class LayoutError(ValueError):
+    """A bad experiment name or workspace; one line naming the flag."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+    experiment: str
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.experiment):
+            raise LayoutError(f"--experiment {self.experiment!r}: use letters, digits, '.', '_' or '-' (it names directories)")
+
+    @classmethod
+    def for_mode(cls, mode: str, experiment: str, workspace: Path | None) -> "Layout":
+        root = workspace if workspace is not None else (CLOUD_ROOT if mode == "cloud" else LOCAL_ROOT)
+        return cls(Path(root).absolute(), experiment)
+
+    @property
+    def train_text(self) -> Path:
+        return self.root / "datasets" / "train" / self.experiment
+
+    @property
+    def val_text(self) -> Path:
+        return self.root / "datasets" / "val" / self.experiment
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "artifacts" / "tokenizer" / self.experiment
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache" / self.experiment
+
+    @property
+    def train_tokens(self) -> Path:
+        return self.cache / "tokens" / "train"
+
+    @property
+    def val_tokens(self) -> Path:
+        return self.cache / "tokens" / "val"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "runs" / self.experiment
+
+    @property
+    def hf_cache(self) -> Path:
+        return self.root / "hf_cache"
+
+    @property
+    def stages(self) -> Path:
+        return self.run / "stages"
+
+    def directories(self) -> list[Path]:
+        return [self.train_text, self.val_text, self.tokenizer, self.run, self.cache, self.hf_cache]
+
+    def create(self) -> list[Path]:
+        """Create every directory; returns the ones that were missing."""
+        made = [d for d in self.directories() if not d.is_dir()]
+        for d in self.directories():
+            d.mkdir(parents=True, exist_ok=True)
+        return made
+
+    def apply_hf_environment(self, enforce: bool) -> dict[str, str]:
+        """Point the Hugging Face caches into the workspace.
+
+        Cloud mode enforces it (the container disk is lost on a pod stop; the volume is not);
+        local mode only fills in what the user has not set.
+        """
+        wanted = {"HF_HOME": str(self.hf_cache), "HF_DATASETS_CACHE": str(self.hf_cache / "datasets")}
+        for key, value in wanted.items():
+            if enforce:
+                os.environ[key] = value
+            else:
+                os.environ.setdefault(key, value)
+        return {k: os.environ[k] for k in wanted}

@@ -1,0 +1,77 @@
+"""``fineweb-sharder`` (and ``python -m sharder``): the command line over ``sharder.pipeline``.
+
+Exit codes: 0 done (or already complete), 2 user error (one line on stderr), 130 stopped by SIGINT,
+143 stopped by SIGTERM (directories consistent; re-run the same command to resume).
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sharder.errors import EXIT_USER_ERROR, ShardError, ShardInterrupted
+from sharder.options import MODES
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+Mode = Enum("Mode", {mode: mode for mode in MODES}, type=str)  # the choices typer shows and checks
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def shard(
+    mode: Annotated[Mode, typer.Option(help="smoke: stop after --take docs; prod: the whole source; split: train+val.")] = Mode("smoke"),
+    split: Annotated[str, typer.Option(help="Output split of smoke/prod runs (directory datasets/<split>/<experiment>).")] = "train",
+    lines_per_shard: Annotated[int, typer.Option(help="Documents per shard.")] = 50_000,
+    take: Annotated[Optional[int], typer.Option(help="Stop after this many documents [default: 10000 in smoke mode, no limit otherwise].")] = None,
+    val_ratio: Annotated[float, typer.Option(help="split mode: probability that a document goes to val.")] = 0.01,
+    seed: Annotated[int, typer.Option(help="split mode: seed of the train/val routing hash.")] = 0,
+    gzip: Annotated[bool, typer.Option("--gzip", help="Write .txt.gz shards.")] = False,
+    dataset: Annotated[Optional[str], typer.Option(help="Hugging Face dataset [default: HuggingFaceFW/fineweb unless --input].")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Dataset config, e.g. sample-10BT.")] = None,
+    source_split: Annotated[str, typer.Option(help="Split of the source dataset to read.")] = "train",
+    text_field: Annotated[str, typer.Option(help="Column holding the document text.")] = "text",
+    input: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="Local .parquet/.jsonl[.gz]/.json[.gz]/.txt[.gz] files, globs or directories (repeatable).")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option(help="Output directory (split mode: its train/ and val/) [default: <workspace>/datasets/<split>/<experiment>].")] = None,
+    experiment: Annotated[str, typer.Option(help="Experiment name in the default output directories.")] = "default",
+    min_text_length: Annotated[int, typer.Option(help="Drop documents shorter than this many characters.")] = 1,
+    workspace: Annotated[Path, typer.Option(help="Workspace root (HF caches go to <workspace>/hf_cache unless HF_HOME is set).")] = Path("workspace"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the shards and manifest already in the output directories and start over.")] = False,
+) -> None:
+    """Stream FineWeb (or local files) into resumable, lossless text shards with a manifest.json."""
+    from rich.console import Console
+
+    from sharder.pipeline import ShardOptions, run_shard
+
+    console = Console(stderr=True)
+    try:
+        options = ShardOptions(
+            mode=mode.value, split=split, lines_per_shard=lines_per_shard, take=take, val_ratio=val_ratio,
+            gzip=gzip, dataset=dataset, name=name, text_field=text_field, input=input, output_dir=output_dir,
+            experiment=experiment, min_text_length=min_text_length, workspace=workspace, overwrite=overwrite,
+            seed=seed, source_split=source_split,
+        )
+        run_shard(options, console=console)
+    except ShardError as exc:
+        console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USER_ERROR) from None
+    except ShardInterrupted as exc:
+        console.print(str(exc), highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:  # Ctrl-C before the run installed its handlers: nothing was written yet
+        console.print("interrupted by SIGINT before any shard was written", highlight=False)
+        raise typer.Exit(130) from None
+
+
+def main() -> None:
+    # `datasets` imports torch (2 s) when it is installed, only to share a counter with torch
+    # DataLoader workers; the sharder has none, so the CLI process opts out before the import.
+    os.environ.setdefault("USE_TORCH", "0")
+    # `datasets` logs its own copy of every error we report in one line; keep only ours. Set
+    # through the environment because `datasets` must not be imported before HF_HOME is chosen.
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")
+    app()

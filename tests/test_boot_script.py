@@ -1,0 +1,262 @@
+"""infra/boot.sh with stand-ins for the commands it drives: stage order, flags, logs, restarts.
+
+The stand-ins (`orchestrate`, `fineweb-sharder`, `tensorboard`, `pip`, `runpodctl`, the image's
+start script) are tiny shell scripts that append their argv to a log, so these tests check the
+boot's own contract in about a second each: what runs, in which order, with which flags, what
+boot.log says, and that a failure never turns into a restart loop. The end-to-end boot with the
+real orchestrator is a separate test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+BOOT = Path(__file__).resolve().parents[1] / "infra" / "boot.sh"
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ boot: ", re.MULTILINE)
+SECRET = "hf_" + "Q" * 34  # shaped like a real token; must never reach a log
+
+# Each stand-in logs "<name> <args>"; orchestrate fails when its --stop-after value (or "train",
+# for the run without one) equals $FAKE_FAIL, and with FAKE_HANG=1 the training run waits for
+# SIGTERM, records it and exits 143 as a trainer that saved its state would.
+ORCHESTRATE = r"""#!/usr/bin/env bash
+echo "orchestrate $*" >> "$FAKE_LOG"
+stage=train
+prev=""
+for arg in "$@"; do [[ "$prev" == --stop-after ]] && stage=$arg; prev=$arg; done
+if [[ "$stage" == "${FAKE_FAIL:-}" ]]; then echo "fake orchestrate: $stage broke" >&2; exit 3; fi
+if [[ "$stage" == train && "${FAKE_HANG:-0}" == 1 ]]; then
+  trap 'echo "orchestrate got TERM" >> "$FAKE_LOG"; kill "$sleeper"; exit 143' TERM
+  sleep 30 >/dev/null 2>&1 &
+  sleeper=$!
+  touch "$FAKE_LOG.training"
+  wait
+fi
+exit 0
+"""
+RECORDER = """#!/usr/bin/env bash
+echo "{name} $*" >> "$FAKE_LOG"
+"""
+# `pip install -e <project>` installs the two console scripts, as the real install would.
+PIP = r"""#!/usr/bin/env bash
+echo "pip $*" >> "$FAKE_LOG"
+cp "$FAKE_STASH/orchestrate" "$FAKE_STASH/fineweb-sharder" "$(dirname "$0")/"
+"""
+
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def pod(tmp_path: Path) -> dict:
+    """A fake pod: workspace, project checkout, bin dir of stand-ins, and the env boot.sh sees."""
+    bin_dir, stash = tmp_path / "bin", tmp_path / "stash"
+    bin_dir.mkdir()
+    stash.mkdir()
+    project = tmp_path / "transformer"
+    (project / "configs").mkdir(parents=True)
+    (project / "configs" / "tiny.yaml").write_text("num_steps: 2\n")
+    (project / "pyproject.toml").write_text("[project]\nname = 'podtrain'\n")
+    _write(stash / "orchestrate", ORCHESTRATE)
+    _write(stash / "fineweb-sharder", RECORDER.format(name="fineweb-sharder"))
+    for name in ("tensorboard", "runpodctl"):
+        _write(bin_dir / name, RECORDER.format(name=name))
+    _write(bin_dir / "pip", PIP)
+    _write(tmp_path / "start.sh", RECORDER.format(name="start.sh"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one document\nanother document\n")
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "FAKE_LOG": str(tmp_path / "calls.log"),
+        "FAKE_STASH": str(stash),
+        "PODTRAIN_WORKSPACE": str(tmp_path / "workspace"),
+        "PODTRAIN_PROJECT": str(project),
+        "BOOT_START_SCRIPT": str(tmp_path / "start.sh"),
+        "BOOT_HALT": "exit",
+        "RUN_SHARD": "1",
+        "RUN_INPUT": str(corpus),
+        "RUN_EXPERIMENT": "tiny-exp",
+        "RUN_CONFIG": "configs/tiny.yaml",
+        "SHARD_LINES": "1000",
+        "HF_TOKEN": SECRET,
+    }
+    root = tmp_path / "workspace"
+    return {"env": env, "bin": bin_dir, "stash": stash, "root": root, "tmp": tmp_path,
+            "run_dir": root / "runs" / "tiny-exp", "log": tmp_path / "calls.log"}
+
+
+def _calls(pod: dict) -> list[str]:
+    return pod["log"].read_text().splitlines() if pod["log"].exists() else []
+
+
+def _boot(pod: dict, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(BOOT)], env={**pod["env"], **env}, capture_output=True,
+                          text=True, timeout=60, cwd=pod["tmp"])
+
+
+def _spawn(pod: dict, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(["bash", str(BOOT)], env={**pod["env"], **env}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=pod["tmp"],
+                            start_new_session=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[str], seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, f"boot ended early:\n{proc.stdout.read()}"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def _end(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    """SIGTERM the boot (as `pod stop` does), then clean up anything left in its session."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out
+
+
+def test_four_stages_run_in_order_with_the_documented_flags(pod: dict) -> None:
+    root, exp = pod["root"], "tiny-exp"
+    result = _boot(pod)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    common = (f"--mode cloud --workspace {root} --experiment {exp} --config configs/tiny.yaml "
+              f"--train-shard-lines 1000 --reuse-shards")
+    calls = [c for c in _calls(pod) if not c.startswith("start.sh")]
+    assert calls == [
+        f"pip install --no-input -e {pod['env']['PODTRAIN_PROJECT']}",
+        f"fineweb-sharder --mode split --lines-per-shard 1000 --experiment {exp} "
+        f"--workspace {root} --input {pod['env']['RUN_INPUT']}",
+        f"orchestrate {common} --stop-after emit",
+        f"tensorboard --logdir {root}/runs/{exp}/tensorboard --host 0.0.0.0 --port 6006",
+        f"orchestrate {common}",
+    ]
+    assert "start.sh " in _calls(pod)  # the image's SSH/Jupyter starter was launched too
+    for sub in (f"datasets/train/{exp}", f"datasets/val/{exp}", f"artifacts/tokenizer/{exp}",
+                f"cache/{exp}", f"runs/{exp}/tensorboard", "hf_cache/datasets"):
+        assert (root / sub).is_dir(), sub
+
+    boot_log = (pod["run_dir"] / "boot.log").read_text()
+    assert boot_log == result.stdout  # the pod log and boot.log carry the same lines
+    stages = re.findall(r"boot: stage (\w+): (start|done|skipped)", boot_log)
+    assert stages == [(s, e) for s in ("install", "prep", "shard", "tokenizer", "train")
+                      for e in ("start", "done")]
+    assert all(TIMESTAMP.match(line) for line in boot_log.splitlines() if " boot: " in line)
+    assert "HF token: set" in boot_log and SECRET not in boot_log + result.stderr
+    assert not (pod["run_dir"] / "BOOT_FAILED").exists()
+
+
+def test_a_second_boot_reuses_the_install_and_skips_sharding(pod: dict) -> None:
+    assert _boot(pod).returncode == 0
+    first = len(_calls(pod))
+    result = _boot(pod, RUN_SHARD="0")
+    assert result.returncode == 0, result.stdout
+    second = [c for c in _calls(pod)[first:] if not c.startswith(("start.sh", "tensorboard"))]
+    assert [c.split()[0] for c in second] == ["orchestrate", "orchestrate"]  # no pip, no sharder
+    assert "stage shard: skipped (RUN_SHARD=0)" in result.stdout
+    assert (pod["run_dir"] / "boot.log").read_text().count("---- boot of experiment") == 2
+
+
+def test_hub_fineweb_is_the_default_shard_source(pod: dict) -> None:
+    env = dict(pod["env"])
+    del env["RUN_INPUT"]
+    pod["env"] = env
+    assert _boot(pod, RUN_FINEWEB_NAME="CC-MAIN-2024-10").returncode == 0
+    sharder = next(c for c in _calls(pod) if c.startswith("fineweb-sharder"))
+    assert sharder.endswith("--name CC-MAIN-2024-10") and "--input" not in sharder
+
+
+def test_a_failed_stage_is_recorded_and_the_same_boot_is_refused(pod: dict) -> None:
+    failed = _boot(pod, FAKE_FAIL="emit")
+    assert failed.returncode == 3
+    marker = pod["run_dir"] / "BOOT_FAILED"
+    assert marker.read_text().startswith("stage=tokenizer\nstatus=3\n")
+    assert "fake orchestrate: emit broke" in (pod["run_dir"] / "boot.log").read_text()
+    assert "stage tokenizer: FAILED" in failed.stdout
+    assert not any(c.startswith("tensorboard") for c in _calls(pod))  # training never started
+
+    # A restart with the same settings does nothing but refuse: no stage runs, no GPU time.
+    calls_before = len(_calls(pod))
+    refused = _boot(pod)
+    assert refused.returncode == 3
+    assert "refusing to boot: stage 'tokenizer' failed" in refused.stdout
+    assert [c for c in _calls(pod)[calls_before:] if not c.startswith("start.sh")] == []
+
+    # A changed setting (or BOOT_RETRY=1) is a new attempt; success clears the marker.
+    retried = _boot(pod, SHARD_LINES="2000")
+    assert retried.returncode == 0, retried.stdout
+    assert "failed on a previous boot with other settings: retrying" in retried.stdout
+    assert not marker.exists()
+
+
+def test_boot_retry_forces_a_refused_boot(pod: dict) -> None:
+    assert _boot(pod, FAKE_FAIL="train").returncode == 3
+    assert (pod["run_dir"] / "BOOT_FAILED").read_text().startswith("stage=train\n")
+    result = _boot(pod, BOOT_RETRY="1")
+    assert result.returncode == 0 and "BOOT_RETRY=1: retrying" in result.stdout
+
+
+def test_refusal_inside_a_pod_stops_it_instead_of_looping(pod: dict) -> None:
+    assert _boot(pod, FAKE_FAIL="emit").returncode == 3
+    proc = _spawn(pod, BOOT_HALT="stop", RUNPOD_POD_ID="abc123pod")
+    deadline = time.monotonic() + 20
+    while "runpodctl pod stop abc123pod" not in _calls(pod):
+        assert proc.poll() is None and time.monotonic() < deadline, "runpodctl was not called"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert proc.poll() is None  # still parked while RunPod stops the pod: no exit, no restart
+    status, out = _end(proc)
+    assert status == 143 and "halt: stopping pod abc123pod" in out
+
+
+def test_without_runpodctl_a_failure_parks_the_pod_for_inspection(pod: dict) -> None:
+    (pod["bin"] / "runpodctl").unlink()
+    proc = _spawn(pod, FAKE_FAIL="emit", BOOT_HALT="stop", RUNPOD_POD_ID="abc123pod")
+    _wait_for(pod["run_dir"] / "BOOT_FAILED", proc)
+    time.sleep(0.3)
+    assert proc.poll() is None  # parked, not exited into a restart loop
+    status, out = _end(proc)
+    assert status == 143 and "halt: parked" in out
+
+
+def test_sigterm_reaches_training_and_is_not_a_failure(pod: dict) -> None:
+    proc = _spawn(pod, FAKE_HANG="1")
+    _wait_for(Path(pod["env"]["FAKE_LOG"] + ".training"), proc)
+    status, out = _end(proc)
+    assert status == 143
+    assert "orchestrate got TERM" in _calls(pod)
+    assert "stage train: interrupted by SIGTERM" in out and "the next boot resumes" in out
+    assert not (pod["run_dir"] / "BOOT_FAILED").exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [({"RUN_SHARD": "yes"}, "RUN_SHARD='yes' must be 0 or 1"),
+     ({"SHARD_LINES": "0"}, "SHARD_LINES='0' must be a positive integer")],
+)
+def test_bad_knobs_fail_the_prep_stage(pod: dict, env: dict, message: str) -> None:
+    result = _boot(pod, **env)
+    assert result.returncode == 2 and message in result.stdout
+    assert (pod["run_dir"] / "BOOT_FAILED").read_text().startswith("stage=prep\n")
+    assert not any(c.startswith(("orchestrate", "fineweb-sharder")) for c in _calls(pod))
+
+
+def test_missing_project_fails_the_install_stage_with_a_hint(pod: dict) -> None:
+    result = _boot(pod, PODTRAIN_PROJECT=str(pod["tmp"] / "nowhere"))
+    assert result.returncode == 1
+    assert "no podtrain: clone it to" in result.stdout
+    assert (pod["run_dir"] / "BOOT_FAILED").read_text().startswith("stage=install\n")

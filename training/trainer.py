@@ -235,6 +235,10 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
     try:
         if step >= cfg.num_steps:
             log.info(f"already at step {step} of {cfg.num_steps}: nothing to train")
+        elif step == 0 and val_stream is not None:  # where the validation curve starts
+            val = result.val_losses[0] = evaluate(net, val_stream, cfg, dist, precision)
+            log.info(f"step 0 | val loss {val:.4f} (untrained)")
+            record({"val_loss": val})
         while step < cfg.num_steps:
             loss, norm = train_step(net, batches, optimizer, scaler, precision, dist, cfg.gradient_accumulation_steps, cfg.optimizer.grad_clip)
             finite = bool(torch.isfinite(loss)) and (precision.use_scaler or bool(torch.isfinite(norm)))

@@ -55,6 +55,8 @@ def pipeline(
     gzip: bool = typer.Option(False, "--gzip", help="write .txt.gz text shards"),
     text_field: str = typer.Option("text", "--text-field", help="column holding the document text"),
     tokenizer_sample_gb: float = typer.Option(2.0, "--tokenizer-sample-gb", help="text sampled to train the tokenizer"),
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1,
+                                                 help="training processes (default: one per GPU); more than one runs torchrun"),
 ) -> None:
     if mode not in ("cloud", "local"):
         print(f"orchestrate: error: --mode {mode!r}: expected cloud or local", file=sys.stderr)
@@ -67,7 +69,8 @@ def pipeline(
     opts = PipelineOptions(mode=mode, inputs=list(inputs or []), validation=list(validation or []), experiment=experiment,
                            train_shard_lines=train_shard_lines, shard=shard, tokenizer_json=tokenizer_json, config=config,
                            workspace=workspace, stop_after=stop_after, overrides=list(overrides or []), val_ratio=val_ratio,
-                           take=take, gzip=gzip, text_field=text_field, tokenizer_sample_bytes=int(tokenizer_sample_gb * 1e9))
+                           take=take, gzip=gzip, text_field=text_field, tokenizer_sample_bytes=int(tokenizer_sample_gb * 1e9),
+                           nproc=nproc_per_node)
     try:
         pipe = Pipeline(opts, console)
         console.print(f"orchestrate: mode {mode}, experiment {pipe.layout.experiment}, workspace {pipe.layout.root}, "

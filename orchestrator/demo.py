@@ -30,7 +30,7 @@ def main(workspace: Path = Path("workspace")) -> int:
         docs, size = build_corpus(corpus)
         console.print(f"demo: built {corpus} ({docs:,} documents, {size / 1e6:.1f} MB of standard-library text)", markup=False)
     opts = PipelineOptions(mode="local", inputs=[str(corpus)], experiment="demo", train_shard_lines=2000,
-                           config="configs/demo.yaml", workspace=workspace, val_ratio=0.05, gpus=0,
+                           config="configs/demo.yaml", workspace=workspace, val_ratio=0.05, nproc=1,
                            tokenizer_sample_bytes=50_000_000)
     try:
         pipe = Pipeline(opts, console)

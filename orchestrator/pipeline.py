@@ -56,7 +56,7 @@ class PipelineOptions:
     gzip: bool = False
     text_field: str = "text"
     tokenizer_sample_bytes: int = 2_000_000_000
-    gpus: int | None = None  # None: torch.cuda.device_count()
+    nproc: int | None = None  # training processes; None: one per visible GPU (torch.cuda.device_count())
 
     def config_path(self) -> Path:
         raw = Path(self.config or DEFAULT_CONFIG[self.mode])
@@ -287,7 +287,7 @@ class Pipeline:
     def train_stage(self, changed: bool) -> dict[str, Any]:
         cfg = load_config(self.layout.run / "training.yaml")
         check_token_dirs(cfg)
-        code = launch_training(self.layout.run / "training.yaml", self.opts.gpus, self.console)
+        code = launch_training(self.layout.run / "training.yaml", self.opts.nproc, self.console)
         if code != 0:
             raise TrainingExit(code)
         metrics = [json.loads(x) for x in (Path(cfg.checkpoint_dir) / "metrics.jsonl").read_text().splitlines()
@@ -314,21 +314,21 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def training_command(config: Path, gpus: int) -> list[str]:
-    """``python -m training CONFIG --resume auto``, through torchrun on more than one GPU."""
+def training_command(config: Path, nproc: int) -> list[str]:
+    """``python -m training CONFIG --resume auto``, through torchrun for more than one process."""
     train = ["-m", "training", str(config), "--resume", "auto"]
-    if gpus > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", *train]
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *train]
     return [sys.executable, *train]
 
 
-def launch_training(config: Path, gpus: int | None, console: Console) -> int:
+def launch_training(config: Path, nproc: int | None, console: Console) -> int:
     """Run the trainer as a child and forward SIGTERM/SIGINT to it once, so it can checkpoint and exit."""
-    if gpus is None:
+    if nproc is None:
         import torch
 
-        gpus = torch.cuda.device_count()
-    cmd = training_command(config, gpus)
+        nproc = torch.cuda.device_count()
+    cmd = training_command(config, nproc)
     console.print(f"[stage] train: {' '.join(cmd)}", markup=False)
     child = subprocess.Popen(cmd, start_new_session=True)  # its own group: a Ctrl-C reaches it once, from us
 

@@ -83,7 +83,8 @@ def run_stages(stages: list[Stage], stages_dir: Path, console: Console, dry_run:
             continue
         if done:
             console.print(f"[stage] {stage.name}: done earlier with the same inputs, skipped", markup=False)
-            records.append(StageRecord(stage.name, "skipped", marker.get("seconds", 0.0), marker.get("summary", {})))
+            earlier = {k: f"earlier run: {v}" for k, v in marker.get("summary", {}).items() if isinstance(v, str)}
+            records.append(StageRecord(stage.name, "skipped", 0.0, earlier))
             continue
         forced = True
         why = "first run" if marker is None else ("inputs changed" if marker.get("fingerprint") != fp else "outputs missing")

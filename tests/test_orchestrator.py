@@ -173,3 +173,14 @@ def test_bad_arguments_are_one_line_and_touch_nothing(inputs, tmp_path, args: li
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
     assert not workspace.exists()
+
+
+def test_more_than_one_process_trains_through_torchrun(inputs, tmp_path) -> None:
+    """The multi-GPU launch path, on two CPU processes (gloo): torchrun, DDP, one checkpoint set."""
+    workspace = tmp_path / "ws"
+    proc = orchestrate(*base_args(inputs, workspace), "--nproc-per-node", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "-m torch.distributed.run --standalone --nproc_per_node=2 -m training" in proc.stdout
+    assert "global batch: 4 x 1 accumulation x 2 ranks = 8 sequences" in proc.stdout
+    assert "device cpu x2 (ddp)" in proc.stdout
+    assert (4, "final") in list_tags(workspace / "runs/e2e/checkpoints")

@@ -25,7 +25,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from training.atomic import atomic_path, atomic_write_json, remove_stale_temporaries
+from training.atomic import atomic_path, atomic_write_json
 
 FORMAT = "podtrain-checkpoint-1"
 SUFFIXES = (".state.pt", ".config.json", ".safetensors")  # write order: weights last
@@ -199,8 +199,11 @@ def list_tags(directory: str | Path) -> list[tuple[int, str]]:
 
 
 def find_latest(directory: str | Path, warn: Callable[[str], None]) -> Loaded | None:
-    """The newest whole checkpoint in ``directory``; broken newer ones are reported through ``warn``."""
-    remove_stale_temporaries(directory)
+    """The newest whole checkpoint in ``directory``; broken newer ones are reported through ``warn``.
+
+    Read-only, so every rank may call it: leftovers of a killed writer are removed by the one
+    process that writes (``remove_stale_temporaries`` on rank 0, before its first save).
+    """
     for _, tag in list_tags(directory):
         try:
             return load_tag(directory, tag)

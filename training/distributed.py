@@ -157,7 +157,10 @@ class Dist:
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
     def shutdown(self) -> None:
+        """Leave together: a rank that tears its group down while a peer is still inside a collective
+        or saving (rank 0 writes ``final``) makes gloo abort the process at exit."""
         if self.initialized:
+            dist.barrier()
             dist.destroy_process_group()
 
 

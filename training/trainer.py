@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from training import checkpoint as ckpt
+from training.atomic import remove_stale_temporaries
 from training.config import TrainConfig
 from training.data import BatchLoader, Prefetcher, TokenStream, iter_eval_batches, resolve_shards
 from training.distributed import Dist, setup
@@ -156,6 +157,8 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
         val_stream = TokenStream(resolve_shards(cfg.val_data, "val_data"), cfg.seed, cfg.model.vocab_size, key="val_data")
 
     step, tokens_seen, best_val = 0, 0, math.inf
+    if dist.is_main and ckpt_dir.is_dir():
+        remove_stale_temporaries(ckpt_dir)  # a killed writer's .tmp-* files; only the writing rank may touch them
     loaded = ckpt.resolve_resume(resume, ckpt_dir, log.warn) if resume else None
     if loaded is not None:
         dist.load_model_state(net, loaded.weights, cfg.model.tie_embeddings)

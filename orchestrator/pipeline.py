@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from rich.console import Console
 from orchestrator.encode import EncodeError, encode_shards
 from orchestrator.stages import STAGE_NAMES, Stage, StageRecord, run_stages
 from orchestrator.tokenizer import META_FILE, TOKENIZER_FILE, TokenizerBundle, TokenizerError, prepare_tokenizer
-from orchestrator.workspace import Layout, LayoutError
+from orchestrator.workspace import HF_CACHE_VARIABLES, Layout, LayoutError
 from sharder.errors import ShardError, ShardInterrupted
 from sharder.manifest import ManifestError, load_manifest
 from sharder.pipeline import ShardOptions, run_shard
@@ -297,7 +298,11 @@ class Pipeline:
 
     def run(self, dry_run: bool = False) -> list[StageRecord]:
         if not dry_run:
-            self.layout.apply_hf_environment(enforce=self.opts.mode == "cloud")
+            before = {key: os.environ.get(key) for key in HF_CACHE_VARIABLES}
+            for key, value in self.layout.apply_hf_environment(enforce=self.opts.mode == "cloud").items():
+                if before[key] not in (None, value):
+                    self.console.print(f"[stage] layout: {key}={before[key]} replaced by {value}: cloud mode keeps the "
+                                       "Hugging Face caches on the workspace volume", markup=False)
         return run_stages(self.stages(), self.layout.stages, self.console, dry_run=dry_run, user_errors=USER_ERRORS)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 CLOUD_ROOT = Path("/workspace")
 LOCAL_ROOT = Path("workspace")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+HF_CACHE_VARIABLES = ("HF_HOME", "HF_DATASETS_CACHE")
 
 
 class LayoutError(ValueError):
@@ -93,7 +94,7 @@ class Layout:
         Cloud mode enforces it (the container disk is lost on a pod stop; the volume is not);
         local mode only fills in what the user has not set.
         """
-        wanted = {"HF_HOME": str(self.hf_cache), "HF_DATASETS_CACHE": str(self.hf_cache / "datasets")}
+        wanted = dict(zip(HF_CACHE_VARIABLES, (str(self.hf_cache), str(self.hf_cache / "datasets"))))
         for key, value in wanted.items():
             if enforce:
                 os.environ[key] = value

@@ -184,3 +184,16 @@ def test_more_than_one_process_trains_through_torchrun(inputs, tmp_path) -> None
     assert "global batch: 4 x 1 accumulation x 2 ranks = 8 sequences" in proc.stdout
     assert "device cpu x2 (ddp)" in proc.stdout
     assert (4, "final") in list_tags(workspace / "runs/e2e/checkpoints")
+
+
+def test_cloud_mode_forces_the_hf_caches_onto_the_workspace_and_local_mode_keeps_yours(inputs, tmp_path) -> None:
+    elsewhere = {"HF_HOME": str(tmp_path / "container-disk"), "HF_DATASETS_CACHE": str(tmp_path / "container-disk/ds")}
+    for mode, expected in (("cloud", {"HF_HOME": "ws/hf_cache", "HF_DATASETS_CACHE": "ws/hf_cache/datasets"}),
+                           ("local", {"HF_HOME": "container-disk", "HF_DATASETS_CACHE": "container-disk/ds"})):
+        workspace = tmp_path / "ws"
+        proc = orchestrate("--mode", mode, "--workspace", str(workspace), "--input", str(inputs["corpus"]),
+                           "--experiment", mode, "--config", str(inputs["config"]), "--stop-after", "layout", env=elsewhere)
+        assert proc.returncode == 0, proc.stderr
+        marker = json.loads((workspace / "runs" / mode / "stages" / "layout.json").read_text())
+        assert marker["summary"]["hf"] == {k: str(tmp_path / v) for k, v in expected.items()}
+        assert ("replaced by" in proc.stdout) == (mode == "cloud")

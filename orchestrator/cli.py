@@ -58,6 +58,11 @@ def pipeline(
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1,
                                                  help="training processes (default: one per GPU); more than one runs torchrun"),
 ) -> None:
+    """The whole pipeline: layout -> shard -> tokenizer -> emit -> train, each stage skipped when done.
+
+    RUN_SHARD=0 reuses the shards already in the workspace (as --reuse-shards), RUN_SHARD=1 shards
+    --input. Also: `orchestrate pod --help` (RunPod pods), `orchestrate tokenizer --help`.
+    """
     if mode not in ("cloud", "local"):
         print(f"orchestrate: error: --mode {mode!r}: expected cloud or local", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE)

@@ -67,9 +67,7 @@ def pipeline(
         print(f"orchestrate: error: --mode {mode!r}: expected cloud or local", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE)
     shard_env = _run_shard_env()
-    shard = not reuse_shards and (shard_env if shard_env is not None else True)
-    if shard_env is None and not inputs and not reuse_shards:
-        shard = True  # an error below names --input
+    shard = not reuse_shards and shard_env is not False  # without --input, Pipeline names the flag
     console = Console(highlight=False, soft_wrap=True)
     opts = PipelineOptions(mode=mode, inputs=list(inputs or []), validation=list(validation or []), experiment=experiment,
                            train_shard_lines=train_shard_lines, shard=shard, tokenizer_json=tokenizer_json, config=config,

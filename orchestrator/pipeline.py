@@ -201,15 +201,14 @@ class Pipeline:
 
     def layout_stage(self, changed: bool) -> dict[str, Any]:
         made = self.layout.create()
-        env = self.layout.apply_hf_environment(enforce=self.opts.mode == "cloud")
-        return {"result": f"{len(made)} directories created", "hf": env}
+        hf = {key: os.environ[key] for key in HF_CACHE_VARIABLES}  # run() pointed them into the workspace
+        return {"result": f"{len(made)} directories created", "hf": hf}
 
     def shard_stage(self, changed: bool) -> dict[str, Any]:
         L, o = self.layout, self.opts
         if not o.shard:
-            missing = [str(d) for d in (L.train_text,) if not _has_shards(d)]
-            if missing:
-                raise PipelineError(f"--reuse-shards: no shards in {', '.join(missing)} (run with --input, or RUN_SHARD=1)")
+            if not _has_shards(L.train_text):
+                raise PipelineError(f"--reuse-shards: no shards in {L.train_text} (run with --input, or RUN_SHARD=1)")
             return {"result": f"reused {len(load_manifest(L.train_text).shards)} train shards"}
         overwrite = changed
         if overwrite:

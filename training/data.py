@@ -85,6 +85,7 @@ class TokenStream:
             self.sizes.append(header.num_tokens)
         self.vocab_size = vocab_size
         self.total_tokens = sum(self.sizes)
+        self.longest = max(self.sizes, default=0)
         self.state = StreamState()
         self._orders: dict[int, np.ndarray] = {}
         self._windows: dict[tuple[int, int, int], np.ndarray] = {}
@@ -110,7 +111,7 @@ class TokenStream:
 
     def read_rows(self, n: int, seq_len: int) -> np.ndarray:
         """The next ``n`` windows as an ``(n, seq_len + 1)`` array; the position moves past them."""
-        if max(self.sizes) < seq_len + 1:
+        if self.longest < seq_len + 1:
             raise DataError(f"{self.key}: the shards hold {self.total_tokens:,} tokens in all, "
                             f"not one window of seq_len+1={seq_len + 1} in any shard")
         out = np.empty((n, seq_len + 1), dtype=np.int64)

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from training.atomic import atomic_write_text
+
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name().
 # Order matters: the first match wins, so specific names come before general ones.
 GPU_PEAK_BF16: list[tuple[str, float]] = [
@@ -101,8 +103,6 @@ class RunLog:
 def trim_metrics(path: Path, step: int) -> int:
     """Drop rows after ``step`` from a metrics.jsonl (a run killed after its last checkpoint logged
     steps that the resumed run will log again); returns how many rows were dropped."""
-    from training.atomic import atomic_write_text
-
     if not path.exists():
         return 0
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)

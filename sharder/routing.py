@@ -8,7 +8,7 @@ is salted per process.
 Ids are hashed in bulk with numpy, eight bytes at a time (splitmix64 mixing of each word with its
 position and the seed, then of the length): a FineWeb id costs ~0.1 µs instead of ~1.5 µs for a
 hashlib call, in a few whole-batch calls that leave the GIL to the encoder threads. Texts (sources
-without ids, or a row whose id is null) are long, so they go through blake2b one by one.
+without ids, or a row whose id is null or empty) are long, so they go through blake2b one by one.
 """
 
 from __future__ import annotations
@@ -34,6 +34,36 @@ def _mix(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint64(31))
 
 
+def _binary_view(values: "pa.Array") -> tuple["pa.Array", np.ndarray, np.ndarray]:
+    """``values`` as binary (zero-copy), its offsets as int64 and each string's length (0 for a null)."""
+    import pyarrow as pa
+
+    large = pa.types.is_large_string(values.type) or pa.types.is_large_binary(values.type)
+    binary = values.cast(pa.large_binary() if large else pa.binary())
+    offsets = np.frombuffer(binary.buffers()[1], dtype=np.int64 if large else np.int32)
+    offsets = offsets[binary.offset : binary.offset + len(binary) + 1].astype(np.int64)
+    lengths = np.diff(offsets)
+    if binary.null_count:
+        lengths[~np.asarray(binary.is_valid())] = 0
+    return binary, offsets, lengths
+
+
+def _xor_of_mixed_words(data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, width: int,
+                        position: np.ndarray) -> np.ndarray:
+    """Strings of different lengths: gather each string's words, zero the bytes past its end.
+
+    Equal to the fixed-length path's zero padding: a word's unused bytes are masked to zero and a
+    word past the end of its string contributes nothing.
+    """
+    # Padded so that reading 8 bytes from any start stays in bounds.
+    data = np.concatenate([data, np.zeros(8 * width, dtype=np.uint8)])
+    word_starts = (offsets[:-1] - offsets[0])[:, None] + 8 * np.arange(width)  # (strings, words)
+    words = data[word_starts[:, :, None] + _LANES].view("<u8")[:, :, 0]
+    remaining = np.clip(lengths[:, None] - 8 * np.arange(width), 0, 8)  # bytes of each word in use
+    mixed = np.where(remaining > 0, _mix((words & _KEEP[remaining]) ^ position), np.uint64(0))
+    return np.bitwise_xor.reduce(mixed, axis=1)
+
+
 def hash_strings(values: "pa.Array", seed: int) -> np.ndarray:
     """A keyed 64-bit hash of each string of ``values`` (nulls hash as empty strings).
 
@@ -41,29 +71,24 @@ def hash_strings(values: "pa.Array", seed: int) -> np.ndarray:
     by XOR and the result mixed with the length: a fixed, small number of whole-batch numpy calls
     (each releasing the GIL), whatever the batch size or string lengths.
     """
-    import pyarrow as pa
+    return _hash_view(*_binary_view(values), seed)
 
-    large = pa.types.is_large_string(values.type) or pa.types.is_large_binary(values.type)
-    binary = values.cast(pa.large_binary() if large else pa.binary())
+
+def _hash_view(binary: "pa.Array", offsets: np.ndarray, lengths: np.ndarray, seed: int) -> np.ndarray:
+    """hash_strings on what _binary_view returned."""
     count = len(binary)
-    offsets = np.frombuffer(binary.buffers()[1], dtype=np.int64 if large else np.int32)
-    offsets = offsets[binary.offset : binary.offset + count + 1].astype(np.int64)
-    lengths = np.diff(offsets)
-    if binary.null_count:
-        lengths[~np.asarray(binary.is_valid())] = 0
     salt = np.uint64(seed & _MASK)
     h = salt ^ (lengths.astype(np.uint64) * _GOLDEN)
     width = int(lengths.max() + 7) // 8 if count else 0
     if width:
-        # The strings' bytes, padded so that reading 8 bytes from any start stays in bounds.
-        data = np.concatenate([np.frombuffer(binary.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]],
-                               np.zeros(8 * width, dtype=np.uint8)])
-        word_starts = (offsets[:-1] - offsets[0])[:, None] + 8 * np.arange(width)  # (strings, words)
-        words = data[word_starts[:, :, None] + _LANES].view("<u8")[:, :, 0]
-        remaining = np.clip(lengths[:, None] - 8 * np.arange(width), 0, 8)  # bytes of each word in use
         position = salt + np.arange(1, width + 1, dtype=np.uint64) * _GOLDEN
-        mixed = np.where(remaining > 0, _mix((words & _KEEP[remaining]) ^ position), np.uint64(0))
-        h ^= np.bitwise_xor.reduce(mixed, axis=1)
+        data = np.frombuffer(binary.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+        if lengths.min() == lengths.max():  # FineWeb's ids all have one length: a reshape, no gather
+            padded = np.zeros((count, 8 * width), dtype=np.uint8)
+            padded[:, : lengths[0]] = data.reshape(count, -1)
+            h ^= np.bitwise_xor.reduce(_mix(padded.view("<u8") ^ position), axis=1)
+        else:
+            h ^= _xor_of_mixed_words(data, offsets, lengths, width, position)
     return _mix(h)
 
 
@@ -79,13 +104,15 @@ class Router:
         digest = hashlib.blake2b(text, digest_size=8, key=self._salt).digest()
         return int.from_bytes(digest, "little") < self._threshold
 
-    def to_val(self, rows: np.ndarray, texts: "pa.Array", ids: "pa.Array | None") -> np.ndarray:
+    def to_val(self, rows: np.ndarray, texts: "pa.ChunkedArray", ids: "pa.Array | None") -> np.ndarray:
         """For each row index in ``rows``, whether that document goes to val."""
         import pyarrow as pa
 
         if ids is not None:
-            flags = hash_strings(ids, self._seed)[rows] < np.uint64(self._threshold)
-            no_id = ~np.asarray(ids.is_valid())[rows]
+            view = _binary_view(ids)
+            flags = _hash_view(*view, self._seed)[rows] < np.uint64(self._threshold)
+            # A null or empty id is no key: every one would hash alike and land on the same side.
+            no_id = view[2][rows] == 0
         else:
             flags = np.zeros(len(rows), dtype=bool)
             no_id = np.ones(len(rows), dtype=bool)
@@ -96,7 +123,7 @@ class Router:
                 flags[position] = self.is_val_text(raw[rows[position]])
         return flags
 
-    def split_rows(self, rows: np.ndarray, texts: "pa.Array", ids: "pa.Array | None") -> tuple[np.ndarray, np.ndarray]:
+    def split_rows(self, rows: np.ndarray, texts: "pa.ChunkedArray", ids: "pa.Array | None") -> tuple[np.ndarray, np.ndarray]:
         """Partition ``rows`` into (train, val), keeping their order."""
         to_val = self.to_val(rows, texts, ids)
         return rows[~to_val], rows[to_val]

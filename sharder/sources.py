@@ -230,7 +230,7 @@ class Batch:
     state: dict[str, Any] | None  # stream state before this batch
     start: int
     begin: int
-    texts: "pa.Array"  # string or large_string, one chunk; nulls where a row has no text
+    texts: "pa.ChunkedArray"  # string or large_string; nulls where a row has no text
     ids: "pa.Array | None"  # the routing key column as strings (split mode, when the source has ids)
 
     def __len__(self) -> int:
@@ -252,7 +252,7 @@ class Stream:
     token: str | None = None
     _position: Position = field(default=START, init=False)
 
-    def _texts(self, table: "pa.Table") -> "pa.Array":
+    def _texts(self, table: "pa.Table") -> "pa.ChunkedArray":
         import pyarrow as pa
 
         if self.text_field not in table.column_names:
@@ -266,7 +266,7 @@ class Stream:
             column = column.cast(pa.string())
         elif not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise ShardError(f"--text-field {self.text_field!r}: column holds {kind}, not text, in {self._where()}")
-        return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+        return column  # kept in its chunks: combining would copy the batch's text on the reader thread
 
     def _ids(self, table: "pa.Table") -> "pa.Array | None":
         """The id column as strings, or None (no id column, or ids that are not strings or numbers)."""

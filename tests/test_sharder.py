@@ -30,7 +30,7 @@ from sharder.manifest import MANIFEST_NAME, load_manifest
 from sharder.pipeline import ShardOptions, ShardResult, run_shard
 from sharder.routing import Router, hash_strings
 from sharder.sources import hf_environment
-from sharder.textshard import read_documents
+from sharder.textshard import encode_lines, escape, read_documents
 
 ROOT = Path(__file__).resolve().parent.parent
 FINEWEB_COLUMNS = ("text", "id", "dump", "url", "date", "file_path", "language", "language_score", "token_count")
@@ -253,6 +253,32 @@ def test_any_text_round_trips(tmp_path, docs, use_gzip):
     assert shard_documents(directory / "out") == docs
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.one_of(st.none(), st.text(alphabet=st.characters(blacklist_categories=("Cs",)))),
+                         max_size=12), min_size=1, max_size=4),
+       st.randoms(use_true_random=False))
+def test_encoding_selected_rows_of_a_chunked_batch_is_the_reference(chunks, rng):
+    """The shard writer's bulk encoder on the reader's chunked batches and routed row subsets equals
+    the per-document definition; a selected null is refused, an unselected one is skipped."""
+    texts = pa.chunked_array([pa.array(chunk, pa.string()) for chunk in chunks], pa.string())
+    flat = [doc for chunk in chunks for doc in chunk]
+    rows = np.array(sorted(rng.sample(range(len(flat)), rng.randint(0, len(flat)))), dtype=np.int64)
+    expected = "".join(escape(flat[i]) + "\n" for i in rows.tolist() if flat[i] is not None).encode()
+    if any(flat[i] is None for i in rows.tolist()):
+        with pytest.raises(ValueError, match="null"):
+            encode_lines(texts, rows)
+    else:
+        assert encode_lines(texts, rows) == expected
+    if None not in flat:
+        assert encode_lines(texts) == "".join(escape(doc) + "\n" for doc in flat).encode()
+
+
+def test_encoding_bytes_that_are_not_utf8_keeps_them_as_they_are():
+    """0xFF is the bulk encoder's terminator: a binary batch holding it goes document by document."""
+    texts = pa.chunked_array([pa.array([b"a\xffb\n", b"skip"], pa.binary()), pa.array([b"c\\d"], pa.binary())])
+    assert encode_lines(texts, np.array([0, 2])) == b"a\xffb\\n\nc\\\\d\n"
+
+
 # -- split mode ------------------------------------------------------------------------------------
 
 
@@ -284,6 +310,44 @@ def test_routing_hash_depends_only_on_the_key_and_seed():
     assert (hash_strings(pa.array(keys), 6) != whole).mean() > 0.99
     share = Router(0.1, 5).to_val(np.arange(2000), pa.array(keys[:2000]), pa.array(keys[:2000])).mean()
     assert 0.08 < share < 0.12
+
+
+def test_routing_hash_values_are_pinned():
+    """A directory split by an earlier release must route the same documents the same way when a
+    resume or a larger --take runs on a newer one: the hash values themselves never change."""
+    keys = ["<urn:uuid:00000000-0000-0000-0000-000000000001>", "<urn:uuid:d6b5e1c4-1f2a-4c1e-9b7a-0e6b3f1a2c9d>",
+            "a", "é中🚀"]
+    pinned = [0x3C340BB1DBFACDBD, 0x0636509331B9D4AD, 0x6E21445834D83CDD, 0x157232F9761FAEDF]
+    assert hash_strings(pa.array(keys), 0).tolist() == pinned  # ids of several lengths
+    assert hash_strings(pa.array(keys[:2]), 0).tolist() == pinned[:2]  # FineWeb's: all of one length
+
+
+def test_empty_or_null_ids_route_by_text_not_all_to_one_side():
+    texts = [f"document number {i}" for i in range(400)]
+    ids = pa.array(["" if i % 2 else None for i in range(400)], pa.string())
+    router = Router(0.25, 0)
+    to_val = router.to_val(np.arange(400), pa.chunked_array([pa.array(texts)]), ids)
+    assert to_val.tolist() == [router.is_val_text(t.encode()) for t in texts]
+    assert 0.15 < to_val.mean() < 0.35
+
+
+def test_split_a_few_val_rows_per_batch_are_gathered_exactly_across_shards_and_a_stop(tmp_path):
+    """At a 3% ratio each 1000-row batch sends ~30 rows to val, which the writer gathers over several
+    batches: val still holds exactly the routed documents in order, shards of exactly
+    --lines-per-shard, and a stop mid-stream (--take) then a resume loses and repeats nothing."""
+    texts = documents(4000, seed=5, mean_lines=3)
+    files = write_parquet(tmp_path / "in", texts, files=2, row_group_size=1000)
+    args = dict(mode="split", val_ratio=0.03, lines_per_shard=25, input=[str(f) for f in files])
+    run(output_dir=tmp_path / "out", take=2100, **args)
+    run(output_dir=tmp_path / "out", take=len(texts), **args)
+    ids = pa.concat_arrays([pq.read_table(f, columns=["id"]).column("id").combine_chunks() for f in files])
+    to_val = Router(0.03, 0).to_val(np.arange(len(texts)), pa.chunked_array([pa.array(texts)]), ids)
+    assert shard_documents(tmp_path / "out" / "val") == [t for t, v in zip(texts, to_val) if v]
+    assert shard_documents(tmp_path / "out" / "train") == [t for t, v in zip(texts, to_val) if not v]
+    uninterrupted = run(output_dir=tmp_path / "ref", **args)
+    assert [s.lines for s in load_manifest(tmp_path / "ref" / "val").shards][:-1] == [25] * (
+        uninterrupted.splits["val"].shards - 1)
+    assert_consistent(tmp_path / "out" / "val")
 
 
 def test_split_without_id_routes_by_text_and_defaults_to_workspace_dirs(tmp_path):

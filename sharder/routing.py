@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sharder.textshard import binary_offsets
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -35,13 +37,8 @@ def _mix(h: np.ndarray) -> np.ndarray:
 
 
 def _binary_view(values: "pa.Array") -> tuple["pa.Array", np.ndarray, np.ndarray]:
-    """``values`` as binary (zero-copy), its offsets as int64 and each string's length (0 for a null)."""
-    import pyarrow as pa
-
-    large = pa.types.is_large_string(values.type) or pa.types.is_large_binary(values.type)
-    binary = values.cast(pa.large_binary() if large else pa.binary())
-    offsets = np.frombuffer(binary.buffers()[1], dtype=np.int64 if large else np.int32)
-    offsets = offsets[binary.offset : binary.offset + len(binary) + 1].astype(np.int64)
+    """``values`` as binary (zero-copy), its offsets and each string's length (0 for a null)."""
+    binary, offsets = binary_offsets(values)
     lengths = np.diff(offsets)
     if binary.null_count:
         lengths[~np.asarray(binary.is_valid())] = 0

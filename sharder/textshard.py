@@ -60,12 +60,8 @@ def encode_lines(texts: "pa.Array | pa.ChunkedArray", rows: "np.ndarray | None" 
     pieces = [_terminated(chunk, selected) for chunk, selected in selections]
     if not pieces:
         return b""
-    if any(runs is None for runs in pieces):  # not valid UTF-8 after all: document by document, bytes as they are
-        return b"".join(
-            _escape_bytes(doc) + b"\n"
-            for chunk, selected in selections
-            for doc in (_as_binary(chunk) if selected is None else _as_binary(chunk).take(selected)).to_pylist()
-        )
+    if any(runs is None for runs in pieces):  # not valid UTF-8 after all
+        return _encode_one_by_one(selections)
     runs = [run for chunk_runs in pieces for run in chunk_runs]
     data = bytes(runs[0]) if len(runs) == 1 else b"".join(runs)
     return _escape_bytes(data).replace(b"\xff", b"\n")
@@ -80,12 +76,26 @@ def rows_by_chunk(chunks: "list[pa.Array]", rows: "np.ndarray") -> "list[tuple[p
     return [(chunk, rows[cuts[i] : cuts[i + 1]] - bounds[i]) for i, chunk in enumerate(chunks) if cuts[i] < cuts[i + 1]]
 
 
-def _as_binary(texts: "pa.Array") -> "pa.Array":
-    """The same bytes as (large_)binary: a zero-copy cast, the text is already UTF-8."""
+def _encode_one_by_one(selections: "list[tuple[pa.Array, np.ndarray | None]]") -> bytes:
+    """encode_lines document by document, bytes as they are: for a batch that is not valid UTF-8."""
+    lines = []
+    for chunk, selected in selections:
+        binary = binary_offsets(chunk)[0]
+        docs = binary if selected is None else binary.take(selected)
+        lines.extend(_escape_bytes(doc) + b"\n" for doc in docs.to_pylist())
+    return b"".join(lines)
+
+
+def binary_offsets(texts: "pa.Array") -> "tuple[pa.Array, np.ndarray]":
+    """The same bytes as (large_)binary (a zero-copy cast: the text is already UTF-8) and its
+    ``len + 1`` offsets into the values buffer, as int64."""
+    import numpy as np
     import pyarrow as pa
 
     large = pa.types.is_large_string(texts.type) or pa.types.is_large_binary(texts.type)
-    return texts.cast(pa.large_binary() if large else pa.binary())
+    binary = texts.cast(pa.large_binary() if large else pa.binary())
+    offsets = np.frombuffer(binary.buffers()[1], dtype=np.int64 if large else np.int32)
+    return binary, offsets[binary.offset : binary.offset + len(binary) + 1].astype(np.int64)
 
 
 def _terminated(chunk: "pa.Array", rows: "np.ndarray | None") -> "list[memoryview] | None":
@@ -95,18 +105,16 @@ def _terminated(chunk: "pa.Array", rows: "np.ndarray | None") -> "list[memoryvie
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    binary = _as_binary(chunk)
+    binary, offsets = binary_offsets(chunk)
     if binary.null_count:
         valid = np.asarray(binary.is_valid())
         if not (valid if rows is None else valid[rows]).all():
             raise ValueError("encode_lines: null documents")
-    offsets_type = np.int64 if pa.types.is_large_binary(binary.type) else np.int32
-    offsets = np.frombuffer(binary.buffers()[1], dtype=offsets_type)[binary.offset : binary.offset + len(binary) + 1]
     values = np.frombuffer(binary.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
     if len(values) and values.max() == 0xFF:
         return None
-    joined = pc.binary_join_element_wise(binary, pa.scalar(b"", binary.type), pa.scalar(b"\xff", binary.type))
-    ends = np.frombuffer(joined.buffers()[1], dtype=offsets_type)[joined.offset : joined.offset + len(joined) + 1]
+    joined, ends = binary_offsets(
+        pc.binary_join_element_wise(binary, pa.scalar(b"", binary.type), pa.scalar(b"\xff", binary.type)))
     view = memoryview(joined.buffers()[2])
     if rows is None:
         return [view[ends[0] : ends[-1]]]

@@ -75,21 +75,23 @@ class Dist:
     def initialized(self) -> bool:
         return dist.is_available() and dist.is_initialized()
 
-    def wrap(self, model: nn.Module, param_dtype: torch.dtype | None) -> nn.Module:
-        """Apply the strategy. FSDP2 shards each block, then the root (embeddings, head)."""
-        if self.strategy == "ddp":
-            from torch.nn.parallel import DistributedDataParallel as DDP
+    def replicate(self, model: nn.Module) -> nn.Module:
+        """DDP when the strategy asks for it (gradients live in the all-reduce buckets: no second copy)."""
+        if self.strategy != "ddp":
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            return DDP(model, device_ids=ids)
-        if self.strategy == "fsdp":
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(model, device_ids=ids, gradient_as_bucket_view=True)
 
-            policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-            for block in model.layers:  # type: ignore[attr-defined]
-                fully_shard(block, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
-            fully_shard(model, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
-        return model
+    def shard(self, model: nn.Module, param_dtype: torch.dtype | None) -> None:
+        """FSDP2: each block, then the root (embeddings, final norm, head), in place."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        for block in model.layers:  # type: ignore[attr-defined]
+            fully_shard(block, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+        fully_shard(model, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
 
     @contextlib.contextmanager
     def grad_sync(self, model: nn.Module, enabled: bool) -> Iterator[None]:

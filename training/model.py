@@ -14,7 +14,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from training.config import ModelConfig
 
@@ -58,10 +57,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.n_kv_heads != self.n_heads:
-            repeat = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        # GQA inside the kernel: no repeat_interleave copy of K and V per step.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -104,38 +102,65 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """Embeddings, ``num_layers`` blocks, final norm and head.
+
+    Construction allocates but does not initialise weights when built under ``torch.device("meta")``:
+    a 4B model is then built, wrapped and sharded without any rank holding it whole, and
+    :meth:`init_weights` fills each rank's part on its own device (see ``training/parallelize.py``).
+    Activation checkpointing, compilation and sharding are applied from outside, per block, so this
+    forward stays the plain loop a reader expects.
+    """
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.activation_checkpointing = False
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positional.type == "learned" else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = _norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         if cfg.positional.type == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.positional.theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
+            self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        if not self.embed_tokens.weight.is_meta:
+            self.init_weights()
 
-    def _init_weights(self, module: nn.Module) -> None:
-        """GPT-2 init: N(0, std), residual projections scaled by 1/sqrt(2 * layers) to keep the stream's variance flat."""
+    def tie_weights(self) -> None:
+        """Share the head with the input embedding (again after ``to_empty``, which unties them)."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """GPT-2 init: N(0, std), residual projections scaled by 1/sqrt(2 * layers) to keep the stream's variance flat.
+
+        Each tensor draws from a generator seeded by (seed, its index), so the weights are the same
+        whether the model is whole or sharded over any number of ranks (:func:`fill_parameter`
+        writes only this rank's shard), and on every device type the same for the same seed.
+        """
         std = self.cfg.init_std
-        if isinstance(module, nn.Linear):
-            if getattr(module, "residual_projection", False):
-                std = std / math.sqrt(2 * self.cfg.num_layers)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+        index = 0
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                if isinstance(module, nn.Linear) and self.cfg.tie_embeddings and module is self.lm_head:
+                    continue  # the tied head is the embedding, initialised once
+                scale = std / math.sqrt(2 * self.cfg.num_layers) if getattr(module, "residual_projection", False) else std
+                fill_parameter(module.weight, lambda t, g, s=scale: t.normal_(0.0, s, generator=g), seed, index)
+                index += 1
+                if getattr(module, "bias", None) is not None:
+                    fill_parameter(module.bias, lambda t, g: t.zero_(), seed, index)
+                    index += 1
+            elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
+                if module.weight is not None:
+                    fill_parameter(module.weight, lambda t, g: t.fill_(1.0), seed, index)
+                if getattr(module, "bias", None) is not None:
+                    fill_parameter(module.bias, lambda t, g: t.zero_(), seed, index)
+        self.reset_rope()
 
     def reset_rope(self) -> None:
-        """Recompute the rotary tables (after building on the meta device and materialising)."""
+        """Compute the rotary tables on the buffers' device (after ``to_empty`` they hold garbage)."""
         if self.cfg.positional.type == "rope":
             cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.positional.theta, self.rope_cos.device)
             self.rope_cos.copy_(cos)
@@ -151,10 +176,11 @@ class Transformer(nn.Module):
             rope = (self.rope_cos[:T], self.rope_sin[:T])
         x = self.dropout(x)
         for block in self.layers:
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rope, use_reentrant=False)
-            else:
-                x = block(x, rope)
+            x = block(x, rope)
+        return self.output(x, targets)
+
+    def output(self, x: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Final norm, head and loss: a method of its own so FSDP runs can compile it apart from the blocks."""
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
@@ -172,6 +198,25 @@ class Transformer(nn.Module):
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), 1)), dim=1)
         return idx
+
+
+def fill_parameter(param: torch.Tensor, fill, seed: int, index: int) -> None:
+    """Apply ``fill(tensor, generator)`` to ``param`` as if it were whole, writing only the local part.
+
+    A plain tensor is filled in place. A DTensor (an FSDP2 shard) is filled by drawing the full tensor
+    on this rank's device, one parameter at a time (peak: the largest single tensor), and keeping the
+    local slice, so a sharded init equals the unsharded one bit for bit.
+    """
+    local = param.to_local() if hasattr(param, "to_local") else param
+    gen = torch.Generator(device=local.device)
+    gen.manual_seed(seed * 1_000_003 + index)
+    if local is param:
+        fill(param, gen)
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    full = fill(torch.empty(param.shape, dtype=local.dtype, device=local.device), gen)
+    local.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local())
 
 
 def count_parameters(model: nn.Module) -> int:

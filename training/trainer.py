@@ -32,7 +32,8 @@ from training.config import TrainConfig
 from training.data import BatchLoader, Prefetcher, TokenStream, iter_eval_batches, resolve_shards
 from training.distributed import Dist, setup
 from training.metrics import RunLog, device_peak_flops, mfu, trim_metrics
-from training.model import Transformer, count_parameters, flops_per_token
+from training.model import build_meta_model, count_parameters, flops_per_token
+from training.parallelize import build_model
 from training.optim import build_optimizer, build_scheduler
 from training.precision import Precision, resolve_precision
 
@@ -143,10 +144,8 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
     ckpt_dir = Path(cfg.checkpoint_dir)
 
     _seed_everything(cfg.seed)
-    model = Transformer(cfg.model).to(dist.device)
-    model.activation_checkpointing = cfg.activation_checkpointing
-    num_params = count_parameters(model)
-    net = dist.wrap(model, precision.fsdp_param_dtype)
+    model, net = build_model(cfg, dist, precision.fsdp_param_dtype)
+    num_params = count_parameters(build_meta_model(cfg.model))
     optimizer = build_optimizer(net, cfg.optimizer, dist.device.type)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.schedule_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision.use_scaler)
@@ -183,8 +182,6 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
         torch.manual_seed(cfg.seed + dist.rank)  # per-rank dropout streams; init above was identical
         if dist.is_main:
             ckpt.copy_original_config(config_path, ckpt_dir)
-    if cfg.compile_model:
-        net = torch.compile(net)
 
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.gradient_accumulation_steps * dist.world_size
     fpt = flops_per_token(cfg.model, cfg.seq_len, num_params)

@@ -5,24 +5,29 @@ A tag is whole when its three files exist, the safetensors file parses, the stat
 the step in its metadata, so a crash between two renames of an overwritten tag is detected, not
 mixed). ``--resume auto`` takes the newest whole tag and reports, then skips, a newer broken one.
 
-Saving is split in two so training does not wait on disk: :func:`capture` copies tensors to CPU
-(fast, synchronous), :class:`AsyncCheckpointer` writes them on a background thread.
+Saving is split in two so training does not wait on disk: :func:`capture` detaches the state from
+the live training tensors (copying only what still aliases them), :class:`AsyncCheckpointer`
+writes it on a background thread. Weights are streamed into a file podtrain names itself (no
+library temporary), and a tag due at the same step as another (``best`` and ``stepN``) is a set
+of hard links to the first, not a second write.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import safetensors.torch
+import safetensors
 import torch
 
 from training.atomic import atomic_path, atomic_write_json
@@ -40,26 +45,29 @@ def step_tag(step: int) -> str:
     return f"step{step:07d}"
 
 
-def rng_state() -> dict[str, Any]:
-    """All RNG states as weights_only-loadable values (numpy's array becomes a list)."""
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This rank's RNG states as weights_only-loadable values (numpy's array becomes a list).
+
+    Only the rank's own GPU: a state list of every visible GPU would not restore on a pod with fewer.
+    """
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(_as_tuple(state["python"]))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda" and isinstance(state.get("cuda"), torch.Tensor):
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _as_tuple(value: Any) -> Any:
@@ -68,7 +76,7 @@ def _as_tuple(value: Any) -> Any:
 
 @dataclass
 class Snapshot:
-    """Everything a checkpoint holds, already on CPU and detached from the live training state."""
+    """Everything a checkpoint holds, on CPU and detached from the live training state."""
 
     tag: str
     step: int
@@ -76,24 +84,83 @@ class Snapshot:
     state: dict[str, Any]
     config: dict[str, Any]
     metadata: dict[str, str] = field(default_factory=dict)
+    aliases: list[str] = field(default_factory=list)  # tags due at the same step: hard links to ``tag``
 
 
-def capture(tag: str, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], config: dict[str, Any]) -> Snapshot:
-    """Copy ``weights`` and the tensors inside ``state`` to CPU so training can go on mutating its own."""
+def capture(tag: str, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], config: dict[str, Any],
+            live: set[int], aliases: list[str] | None = None) -> Snapshot:
+    """A snapshot that training can no longer change.
 
-    def to_cpu(value: Any) -> Any:
+    Full state dicts gathered with ``cpu_offload`` are already fresh CPU copies (GPU runs, FSDP);
+    only tensors whose storage is in ``live`` (the data pointers of the parameters and optimizer
+    state: a CPU run's state dict returns them as they are) are copied, so a 4B save holds one copy
+    of the state in host RAM, not two.
+    """
+
+    def detach(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            return value.detach().to("cpu", copy=True)
+            value = value.detach()
+            if value.device.type != "cpu":
+                return value.to("cpu")
+            return value.clone() if value.untyped_storage().data_ptr() in live else value
         if isinstance(value, dict):
-            return {k: to_cpu(v) for k, v in value.items()}
+            return {k: detach(v) for k, v in value.items()}
         if isinstance(value, list):
-            return [to_cpu(v) for v in value]
+            return [detach(v) for v in value]
         if isinstance(value, tuple):
-            return tuple(to_cpu(v) for v in value)
+            return tuple(detach(v) for v in value)
         return value
 
-    cpu_weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
-    return Snapshot(tag, step, cpu_weights, to_cpu({**state, "step": step, "format": FORMAT}), config)
+    cpu_weights = {k: detach(v).contiguous() for k, v in weights.items()}
+    return Snapshot(tag, step, cpu_weights, detach({**state, "step": step, "format": FORMAT}), config, aliases=list(aliases or []))
+
+
+def live_storages(*tensor_trees: Any) -> set[int]:
+    """Data pointers of every tensor in the given trees (parameters, optimizer state)."""
+    found: set[int] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            local = value.to_local() if hasattr(value, "to_local") else value
+            found.add(local.untyped_storage().data_ptr())
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+
+    for tree in tensor_trees:
+        walk(tree)
+    return found
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Stream ``tensors`` into ``path`` in the safetensors format, one tensor at a time.
+
+    The library's ``save_file`` writes through a temporary of its own naming (left behind by a
+    SIGKILL, unknown to podtrain's clean-up) and ``save`` builds the whole file in memory; this
+    writes the header, then each tensor's bytes straight from its storage.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for t in tensors.values():
+            if t.numel():
+                fh.write(memoryview(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()))
 
 
 def _nbytes(value: Any) -> int:
@@ -130,13 +197,36 @@ def write_snapshot(directory: str | Path, snap: Snapshot) -> None:
             torch.save(snap.state, tmp)
         atomic_write_json(directory / f"{snap.tag}.config.json", snap.config)
         with atomic_path(directory / f"{snap.tag}.safetensors") as tmp:
-            safetensors.torch.save_file(snap.weights, str(tmp), metadata={"format": FORMAT, "step": str(snap.step), **snap.metadata})
+            _slow_disk_for_tests()
+            write_safetensors(tmp, snap.weights, {"format": FORMAT, "step": str(snap.step), **snap.metadata})
+        for alias in snap.aliases:
+            link_tag(directory, snap.tag, alias)
     except Exception as exc:  # OSError, or torch/safetensors wrapping one (torch reports ENOSPC as RuntimeError)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
         raise CheckpointError(
             f"{directory}: could not write checkpoint {snap.tag}: {reason} "
             f"({shutil.disk_usage(directory).free / 1e6:,.1f} MB free); earlier checkpoints are untouched"
         ) from exc
+
+
+def link_tag(directory: Path, source: str, alias: str) -> None:
+    """Make ``alias`` the same checkpoint as ``source`` with hard links (a copy where links are not
+    supported); each file is linked to a temporary and renamed over, weights last, so the alias is
+    never half old and half new."""
+    for suffix in SUFFIXES:
+        with atomic_path(directory / f"{alias}{suffix}") as tmp:
+            tmp.unlink()
+            try:
+                os.link(directory / f"{source}{suffix}", tmp)
+            except OSError:
+                shutil.copyfile(directory / f"{source}{suffix}", tmp)
+
+
+def _slow_disk_for_tests() -> None:
+    """Fault injection: ``PODTRAIN_TEST_SLOW_SAVE_S`` makes every weights write take that long (a slow volume)."""
+    delay = float(os.environ.get("PODTRAIN_TEST_SLOW_SAVE_S", "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
 
 
 @dataclass
@@ -161,8 +251,8 @@ def load_tag(directory: str | Path, tag: str) -> Loaded:
             weights = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as exc:  # safetensors raises its own error types for bad headers and truncation
         raise CheckpointError(f"{base}.safetensors: unreadable weights ({exc})") from None
-    try:
-        state = torch.load(f"{base}.state.pt", map_location="cpu", weights_only=True)
+    try:  # memory-mapped: optimizer tensors are paged in as they are broadcast, not read whole first
+        state = torch.load(f"{base}.state.pt", map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # truncated zip, bad pickle
         raise CheckpointError(f"{base}.state.pt: unreadable training state ({exc})") from None
     try:
@@ -266,8 +356,6 @@ class AsyncCheckpointer:
         self.last_seconds = 0.0
 
     def _write(self, snap: Snapshot) -> None:
-        import time
-
         start = time.perf_counter()
         try:
             write_snapshot(self.directory, snap)

@@ -112,6 +112,7 @@ class DistributedConfig(_Strict):
     strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     timeout_s: int = Field(600, ge=10, description="Collective timeout: a dead rank fails the group, never hangs it")
+    save_timeout_s: int = Field(4 * 3600, ge=10, description="How long ranks wait for rank 0 to write a checkpoint (host group)")
     reshard_after_forward: bool = True
 
 

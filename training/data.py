@@ -166,9 +166,10 @@ class Prefetcher:
     state reported is that of the last batch consumed: exact resume is unaffected by prefetching.
     """
 
-    def __init__(self, loader: BatchLoader, depth: int) -> None:
+    def __init__(self, loader: BatchLoader, depth: int, pin: bool = False) -> None:
         self.loader = loader
         self.depth = depth
+        self.pin = pin  # page-locked batches: the host-to-GPU copy runs asynchronously (non_blocking)
         self._state = loader.state_dict()
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
@@ -181,7 +182,7 @@ class Prefetcher:
         assert self._queue is not None
         while not self._stop.is_set():
             try:
-                item = (*self.loader.next_batch(), self.loader.state_dict())
+                item = (*self._read(), self.loader.state_dict())
             except BaseException as exc:  # surface reader errors in the training thread
                 item = exc
             while not self._stop.is_set():
@@ -193,9 +194,13 @@ class Prefetcher:
             if isinstance(item, BaseException):
                 return
 
+    def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.loader.next_batch()
+        return (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._queue is None:
-            x, y = self.loader.next_batch()
+            x, y = self._read()
             self._state = self.loader.state_dict()
             return x, y
         item = self._queue.get()

@@ -66,6 +66,7 @@ class Dist:
     strategy: str  # none | ddp | fsdp
     device: torch.device
     reshard_after_forward: bool = True
+    control: Any = None  # gloo group on host tensors: flags and waits that must not touch the GPU or its timeout
 
     @property
     def is_main(self) -> bool:
@@ -116,23 +117,51 @@ class Dist:
         return value
 
     def any_flag(self, *flags: bool) -> list[bool]:
-        """Agree on flags across ranks (true anywhere = true everywhere): stop, save-now."""
+        """Agree on flags across ranks (true anywhere = true everywhere): stop, save-now.
+
+        Reduced on the host (gloo) group, so agreeing costs no GPU synchronisation.
+        """
         if self.world_size == 1:
             return list(flags)
-        t = torch.tensor([float(f) for f in flags], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = torch.tensor([float(f) for f in flags])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
         return [bool(v) for v in t.tolist()]
+
+    def post_flag(self, flag: bool) -> Any:
+        """Start agreeing on ``flag`` without waiting; ``read_flag`` on the handle gives the agreed value."""
+        t = torch.tensor([float(flag)])
+        return t, dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control, async_op=True)
+
+    @staticmethod
+    def read_flag(handle: Any) -> bool:
+        t, work = handle
+        work.wait()
+        return bool(t.item())
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (small Python values: resume metadata, an error line)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
 
     def gather_objects(self, obj: Any) -> list[Any]:
         if self.world_size == 1:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.control)
         return out
 
-    def barrier(self) -> None:
+    def slow_barrier(self) -> None:
+        """Wait for every rank where one of them may be writing a checkpoint.
+
+        On the host group, whose timeout (``distributed.save_timeout_s``) is long: a slow volume
+        makes the other ranks wait here, never inside an NCCL collective with the short timeout
+        that is there to catch a dead rank.
+        """
         if self.world_size > 1:
-            dist.barrier()
+            dist.barrier(group=self.control)
 
     _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -146,23 +175,43 @@ class Dist:
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return get_optimizer_state_dict(model, optimizer, options=self._FULL)
 
-    def load_model_state(self, model: nn.Module, weights: dict[str, torch.Tensor], tied: bool) -> None:
-        expected = set(get_model_state_dict(model).keys()) - ({"lm_head.weight"} if tied else set())
-        missing, unexpected = expected - set(weights), set(weights) - expected
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint weights do not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-            )
-        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    def check_weights(self, model: nn.Module, weights: dict[str, torch.Tensor] | None, tied: bool, source: str) -> None:
+        """Compare names and shapes on rank 0 and raise the same one line on every rank.
 
-    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        A size mismatch reports the first tensor and both shapes, instead of torch's list of
+        every mismatching tensor (or a hang, if only rank 0 failed).
+        """
+        problem = None
+        if weights is not None:
+            expected = {k: tuple(v.shape) for k, v in get_model_state_dict(model).items() if not (tied and k == "lm_head.weight")}
+            missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+            if missing or unexpected:
+                problem = f"{source}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            else:
+                for name, shape in expected.items():
+                    if tuple(weights[name].shape) != shape:
+                        problem = (f"{source}: {name} has shape {list(weights[name].shape)} in the checkpoint but "
+                                   f"{list(shape)} in this model (a changed model config?)")
+                        break
+        problem = self.broadcast_object(problem)
+        if problem:
+            raise ValueError(problem)
+
+    def load_model_state(self, model: nn.Module, weights: dict[str, torch.Tensor] | None, tied: bool, source: str = "checkpoint") -> None:
+        """Load full weights read on rank 0 only; they are broadcast tensor by tensor and sharded on arrival."""
+        self.check_weights(model, weights, tied, source)
+        options = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=self.world_size > 1)
+        set_model_state_dict(model, weights or {}, options=options)
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any] | None) -> None:
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.world_size > 1)
+        set_optimizer_state_dict(model, optimizer, state or {}, options=options)
 
     def shutdown(self) -> None:
         """Leave together: a rank that tears its group down while a peer is still inside a collective
         or saving (rank 0 writes ``final``) makes gloo abort the process at exit."""
         if self.initialized:
-            dist.barrier()
+            self.slow_barrier()
             dist.destroy_process_group()
 
 
@@ -193,4 +242,7 @@ def setup(cfg: DistributedConfig, device_spec: str) -> Dist:
                 timeout=datetime.timedelta(seconds=cfg.timeout_s),
                 device_id=device if device.type == "cuda" else None,
             )
-    return Dist(rank, local_rank, world, strategy, device, cfg.reshard_after_forward)
+    control = None
+    if world > 1:
+        control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.save_timeout_s))
+    return Dist(rank, local_rank, world, strategy, device, cfg.reshard_after_forward, control)

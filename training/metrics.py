@@ -49,6 +49,22 @@ def device_peak_flops(device: torch.device) -> float | None:
     return None
 
 
+def compile_report() -> dict[str, int]:
+    """What torch.compile captured so far (dynamo's counters): graphs, graph breaks, frames it gave up on.
+
+    Logged after the first step so a run whose model silently fell back to eager (a graph break in
+    every block, or a frame skipped whole) says so in its first lines, not in its MFU a day later.
+    """
+    from torch._dynamo.utils import counters
+
+    return {
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "frames_compiled": int(counters["frames"]["ok"]),
+        "frames_skipped": int(counters["frames"]["total"] - counters["frames"]["ok"]),
+    }
+
+
 def mfu(tokens_per_second: float, flops_per_token: float, peak: float | None, world_size: int = 1) -> float | None:
     if not peak:
         return None

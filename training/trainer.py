@@ -1,12 +1,13 @@
 """The training loop: one function, :func:`train`, and the step it repeats, :func:`train_step`.
 
-Everything else (config, model, data, precision, parallelism, checkpoints, metrics) lives in its own
-module; this file wires them together so a reader sees the whole run in one place.
+Everything else (config, model, parallelism, data, precision, checkpoints, preemption, metrics) lives
+in its own module; this file wires them together so a reader sees the whole run in one place.
 
-Stops are cooperative. SIGTERM (RunPod's warning before SIGKILL) or SIGINT sets a flag; the current
-optimizer step finishes, all ranks agree to stop at the same step, a checkpoint is written if the
-last measured save time fits in ``preemption_grace_s``, and the process exits with 143 (SIGTERM) or
-130 (SIGINT). ``--resume auto`` then continues on the same loss curve.
+Stops are cooperative. SIGTERM (RunPod's warning before SIGKILL) or SIGINT sets a flag, read between
+micro-batches (``training/preemption.py``); all ranks stop at the same point, a step cut short is
+abandoned, a checkpoint of the last completed step is written if the last measured save time fits
+in ``preemption_grace_s``, and the process exits with 143 (SIGTERM) or 130 (SIGINT). ``--resume
+auto`` then continues on the same loss curve.
 """
 
 from __future__ import annotations
@@ -27,15 +28,16 @@ from rich.console import Console
 from rich.table import Table
 
 from training import checkpoint as ckpt
-from training.atomic import remove_stale_temporaries
+from training.checkpointer import Checkpointer
 from training.config import TrainConfig
 from training.data import BatchLoader, Prefetcher, TokenStream, iter_eval_batches, resolve_shards
 from training.distributed import Dist, setup
-from training.metrics import RunLog, device_peak_flops, mfu, trim_metrics
+from training.metrics import RunLog, compile_report, device_peak_flops, mfu, trim_metrics
 from training.model import build_meta_model, count_parameters, flops_per_token
-from training.parallelize import build_model
 from training.optim import build_optimizer, build_scheduler
+from training.parallelize import build_model
 from training.precision import Precision, resolve_precision
+from training.preemption import MicroStepAgreement, StopFlag
 
 EXIT_OK = 0
 EXIT_NONFINITE = 3
@@ -55,40 +57,19 @@ class TrainResult:
     checkpoint_dir: str = ""
 
 
-class StopFlag:
-    """Turns SIGTERM/SIGINT into a flag checked between optimizer steps (a second SIGINT aborts now)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.received_at = 0.0
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum, self.received_at = signum, time.monotonic()
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (embedded use): no signal handling
-                pass
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def train_step(model: torch.nn.Module, batches: Prefetcher, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               precision: Precision, dist: Dist, accum: int, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over ``accum`` micro-batches; returns (mean loss, grad norm), unsynchronised.
+               precision: Precision, dist: Dist, accum: int, grad_clip: float,
+               agreement: MicroStepAgreement) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One optimizer step over ``accum`` micro-batches; returns (mean loss, grad norm), unsynchronised,
+    or None when a stop signal cut the step short (its gradients are then partial: drop them).
 
     The caller decides whether the step is applied (a non-finite loss or norm skips it).
     """
     device = dist.device
     total = torch.zeros((), device=device)
     for micro in range(accum):
+        if micro and agreement.should_abandon():
+            return None
         x, y = batches.next_batch()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with dist.grad_sync(model, enabled=micro == accum - 1), precision.autocast():
@@ -96,6 +77,7 @@ def train_step(model: torch.nn.Module, batches: Prefetcher, optimizer: torch.opt
             loss = loss / accum
         scaler.scale(loss).backward()
         total += loss.detach()
+    agreement.finish_step()
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
@@ -154,28 +136,23 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
     val_stream = None
     if cfg.val_data:
         val_stream = TokenStream(resolve_shards(cfg.val_data, "val_data"), cfg.seed, cfg.model.vocab_size, key="val_data")
+    checkpoints = Checkpointer(ckpt_dir, dist, cfg.to_plain(), cfg.keep_last_n, cfg.model.tie_embeddings, log.warn)
 
     step, tokens_seen, best_val = 0, 0, math.inf
-    if dist.is_main and ckpt_dir.is_dir():
-        remove_stale_temporaries(ckpt_dir)  # a killed writer's .tmp-* files; only the writing rank may touch them
-    loaded = ckpt.resolve_resume(resume, ckpt_dir, log.warn) if resume else None
-    if loaded is not None:
-        dist.load_model_state(net, loaded.weights, cfg.model.tie_embeddings)
-        dist.load_optimizer_state(net, optimizer, loaded.state["optimizer"])
-        scheduler.load_state_dict(loaded.state["scheduler"])
-        scaler.load_state_dict(loaded.state["scaler"])
-        loader.load_state_dict(loaded.state["loader"])
-        step, tokens_seen, best_val = loaded.step, int(loaded.state["tokens_seen"]), float(loaded.state["best_val_loss"])
-        rngs = loaded.state["rng"]
-        if len(rngs) == dist.world_size:
-            ckpt.set_rng_state(rngs[dist.rank])
+    restored = checkpoints.restore(resume, net, optimizer) if resume else None
+    if restored is not None:
+        scheduler.load_state_dict(restored.state["scheduler"])
+        scaler.load_state_dict(restored.state["scaler"])
+        loader.load_state_dict(restored.state["loader"])
+        step, tokens_seen, best_val = restored.step, int(restored.state["tokens_seen"]), float(restored.state["best_val_loss"])
+        if restored.rng is not None:
+            ckpt.set_rng_state(restored.rng, dist.device)
         else:
-            log.warn(f"world size changed ({len(rngs)} -> {dist.world_size}): RNG streams re-seeded from seed and step")
+            log.warn(f"world size changed ({restored.state['world_size']} -> {dist.world_size}): RNG streams re-seeded from seed and step")
             _seed_everything(cfg.seed + 1000003 * step + dist.rank)
-        log.info(f"resumed from {ckpt_dir / loaded.tag} at step {step}")
+        log.info(f"resumed from {ckpt_dir / restored.tag} at step {step}")
         if dist.is_main and (dropped := trim_metrics(ckpt_dir / "metrics.jsonl", step)):
             log.info(f"metrics.jsonl: dropped {dropped} rows logged after step {step} by the interrupted run")
-        del loaded
     else:
         if resume == "auto":
             log.info(f"no checkpoint in {ckpt_dir}: starting fresh")
@@ -189,47 +166,33 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
     log.info(f"model: {num_params / 1e6:.2f}M parameters | device {dist.device} x{dist.world_size} ({dist.strategy}) | {precision.reason}")
     log.info(f"global batch: {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation x {dist.world_size} ranks "
              f"= {cfg.batch_size * cfg.gradient_accumulation_steps * dist.world_size} sequences = {tokens_per_step:,} tokens/step")
-
-    def after_write(snap: ckpt.Snapshot) -> None:
-        if snap.tag.startswith("step"):
-            ckpt.prune(ckpt_dir, cfg.keep_last_n, protect={snap.tag})
-
-    writer = ckpt.AsyncCheckpointer(ckpt_dir, after_write)
-    save_cost: float | None = None
-    last_save = time.monotonic()
     metrics_path = ckpt_dir / "metrics.jsonl"
 
-    def save(tag: str, block: bool = False) -> None:
-        nonlocal save_cost, last_save
-        t0 = time.monotonic()
-        state = {
-            "optimizer": dist.optimizer_state(net, optimizer),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "loader": batches.state_dict(),
-            "rng": dist.gather_objects(ckpt.rng_state()),
-            "tokens_seen": tokens_seen,
-            "best_val_loss": best_val,
-            "world_size": dist.world_size,
-        }
-        weights = dist.model_state(net, cfg.model.tie_embeddings)
-        if dist.is_main:
-            writer.save(ckpt.capture(tag, step, weights, state, cfg.to_plain()), block=block)
-        save_cost = time.monotonic() - t0 + writer.last_seconds
-        last_save = time.monotonic()
-
     def record(values: dict[str, Any]) -> None:
-        log.scalars(step, {k: v for k, v in values.items() if k != "step"})
+        log.scalars(step, {k: v for k, v in values.items() if k != "step" and not isinstance(v, dict)})
         if dist.is_main:
             with open(metrics_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"step": step, **values}) + "\n")
 
     stop = StopFlag()
     stop.install()
-    batches = Prefetcher(loader, cfg.num_workers)
+    agreement = MicroStepAgreement(dist, stop)
+    batches = Prefetcher(loader, cfg.num_workers, pin=dist.device.type == "cuda")
     result = TrainResult(EXIT_OK, step, tokens_seen, 0.0, best_val_loss=best_val, checkpoint_dir=str(ckpt_dir))
-    bad_steps = 0
-    window_start, window_tokens = time.perf_counter(), 0
+
+    def state(loader_state: dict[str, int]) -> dict[str, Any]:
+        return {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "loader": loader_state,
+                "tokens_seen": tokens_seen, "best_val_loss": best_val, "world_size": dist.world_size}
+
+    def save(tags: list[str], block: bool = False, boundary: tuple[dict, dict] | None = None) -> float:
+        """Save and return the seconds it took (kept out of the throughput window)."""
+        t0 = time.perf_counter()
+        loader_state, rng = boundary or (batches.state_dict(), ckpt.rng_state(dist.device))
+        checkpoints.save(tags, step, net, optimizer, state(loader_state), rng, block=block)
+        return time.perf_counter() - t0
+
+    bad_steps, first_step = 0, True
+    window_start, window_tokens, window_excluded = time.perf_counter(), 0, 0.0
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     net.train()
     try:
@@ -239,8 +202,16 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
             val = result.val_losses[0] = evaluate(net, val_stream, cfg, dist, precision)
             log.info(f"step 0 | val loss {val:.4f} (untrained)")
             record({"val_loss": val})
+        window_start = time.perf_counter()
         while step < cfg.num_steps:
-            loss, norm = train_step(net, batches, optimizer, scaler, precision, dist, cfg.gradient_accumulation_steps, cfg.optimizer.grad_clip)
+            boundary = (batches.state_dict(), ckpt.rng_state(dist.device))  # where an abandoned step resumes from
+            out = train_step(net, batches, optimizer, scaler, precision, dist, cfg.gradient_accumulation_steps,
+                             cfg.optimizer.grad_clip, agreement)
+            if out is None:  # a stop signal cut the step short: the last completed step is the resume point
+                optimizer.zero_grad(set_to_none=True)
+                result.exit_code = _stop(stop, dist, checkpoints, cfg, log, step, lambda: save([ckpt.step_tag(step)], True, boundary))
+                break
+            loss, norm = out
             finite = bool(torch.isfinite(loss)) and (precision.use_scaler or bool(torch.isfinite(norm)))
             if finite:
                 scaler.step(optimizer)
@@ -254,15 +225,23 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                 bad_steps += 1
                 log.warn(f"non-finite loss at step {step + 1} ({bad_steps}/{cfg.max_bad_steps} in a row): step skipped")
             optimizer.zero_grad(set_to_none=True)
-            writer.poll()
+            checkpoints.poll()
+            if first_step and finite:  # compilation and warm-up: not part of the throughput window
+                first_step = False
+                if cfg.compile_model:
+                    report = compile_report()
+                    log.info("compile: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in report.items()))
+                    record({"compile": report})
+                if step % cfg.log_every:
+                    window_start, window_tokens, window_excluded = time.perf_counter(), 0, 0.0
             if bad_steps >= cfg.max_bad_steps:
-                save(ckpt.step_tag(step), block=True)
+                save([ckpt.step_tag(step)], block=True)
                 log.info(f"stopping: {bad_steps} non-finite losses in a row; last good weights saved as {ckpt.step_tag(step)} "
                          f"(lower optimizer.lr or check the data, then --resume auto)")
                 result.exit_code = EXIT_NONFINITE
                 break
             if finite and (step % cfg.log_every == 0 or step == cfg.num_steps):
-                elapsed = time.perf_counter() - window_start
+                elapsed = time.perf_counter() - window_start - window_excluded
                 tps = window_tokens / elapsed if elapsed > 0 else 0.0
                 util = mfu(tps, fpt, peak, dist.world_size)
                 loss_v, lr = float(loss), scheduler.get_last_lr()[0]
@@ -273,34 +252,30 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                 record({"loss": loss_v, "lr": lr, "grad_norm": float(norm), "tokens_per_s": tps, "mfu": util,
                         "peak_mem_gb": _peak_memory_gb(dist.device), "tokens_seen": tokens_seen})
                 result.losses[step] = loss_v
-                window_start, window_tokens = time.perf_counter(), 0
+                window_start, window_tokens, window_excluded = time.perf_counter(), 0, 0.0
+            timed = cfg.save_every_minutes is not None and time.monotonic() - checkpoints.last_save > 60 * cfg.save_every_minutes
+            stopping, timed = dist.any_flag(stop.raised, timed and dist.is_main)
+            if stopping:
+                result.exit_code = _stop(stop, dist, checkpoints, cfg, log, step, lambda: save([ckpt.step_tag(step)], True))
+                break
+            due: list[str] = []  # tags due at this step: written once, the others linked to it
+            if finite and step < cfg.num_steps and (step % cfg.save_every == 0 or timed):
+                due.append(ckpt.step_tag(step))
             if finite and val_stream is not None and (step % cfg.eval_every == 0 or step == cfg.num_steps):
+                t_eval = time.perf_counter()
                 val = evaluate(net, val_stream, cfg, dist, precision)
+                window_excluded += time.perf_counter() - t_eval
                 result.val_losses[step] = val
                 log.info(f"step {step} | val loss {val:.4f}" + (" (best)" if val < best_val else ""))
                 record({"val_loss": val})
                 if val < best_val:
                     best_val = val
-                    save("best")
-            timed = cfg.save_every_minutes is not None and time.monotonic() - last_save > 60 * cfg.save_every_minutes
-            stopping, timed = dist.any_flag(stop.signum is not None, timed and dist.is_main)
-            if stopping:
-                waited = time.monotonic() - stop.received_at if stop.signum is not None else 0.0
-                fits = save_cost is None or waited + 1.25 * save_cost < cfg.preemption_grace_s
-                (fits,) = dist.any_flag(fits and dist.is_main)
-                if fits:
-                    save(ckpt.step_tag(step), block=True)
-                    log.info(f"stopped by signal at step {step}: checkpoint {ckpt.step_tag(step)} written; resume with --resume auto")
-                else:
-                    log.warn(f"stopped by signal at step {step}: a save (~{save_cost:.0f}s) does not fit the "
-                             f"{cfg.preemption_grace_s:.0f}s grace period; the newest periodic checkpoint is the resume point")
-                result.exit_code = EXIT_SIGINT if stop.signum == signal.SIGINT else EXIT_SIGTERM
-                break
-            if finite and step < cfg.num_steps and (step % cfg.save_every == 0 or timed):
-                save(ckpt.step_tag(step))
-        else:
-            save("final", block=True)
-        writer.wait()
+                    due.append("best")
+            if step == cfg.num_steps:
+                save(["final", *due], block=True)
+            elif due:
+                window_excluded += save(due)
+        checkpoints.wait()
     finally:
         batches.close()
         stop.restore()
@@ -311,6 +286,21 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
         _summary(log.console, cfg, result, num_params)
     dist.shutdown()
     return result
+
+
+def _stop(stop: StopFlag, dist: Dist, checkpoints: Checkpointer, cfg: TrainConfig, log: RunLog, step: int, save) -> int:
+    """Save the last completed step if the grace period allows it; returns the exit code for the signal."""
+    waited = time.monotonic() - stop.received_at if stop.raised else 0.0
+    cost = checkpoints.save_cost
+    fits = cost is None or waited + 1.25 * cost < cfg.preemption_grace_s
+    (fits,) = dist.any_flag(fits and dist.is_main)
+    if fits:
+        save()
+        log.info(f"stopped by signal at step {step}: checkpoint {ckpt.step_tag(step)} written; resume with --resume auto")
+    else:
+        log.warn(f"stopped by signal at step {step}: a save (~{cost:.0f}s) does not fit the "
+                 f"{cfg.preemption_grace_s:.0f}s grace period; the newest periodic checkpoint is the resume point")
+    return EXIT_SIGINT if stop.signum == signal.SIGINT else EXIT_SIGTERM
 
 
 def _summary(console: Console, cfg: TrainConfig, r: TrainResult, num_params: int) -> None:

@@ -1,0 +1,102 @@
+"""A run's checkpoints across ranks: what is gathered where, who writes, who waits, who reads.
+
+- **Saving.** Rank 0 first waits for its previous background write (at most one copy of the state
+  in host RAM), while the other ranks wait on the host group's long timeout
+  (``distributed.save_timeout_s``), never in an NCCL collective: a slow volume delays a run, it does
+  not kill it. Then the full weights and optimizer state are gathered to rank 0's CPU (nothing on
+  the other ranks) and written on a background thread. Tags due at one step share one write.
+- **Restoring.** Only rank 0 reads the tag (the optimizer state memory-mapped); tensors are
+  broadcast one at a time and each rank keeps its shard, so resuming costs a shard of host RAM per
+  rank instead of a whole copy each. A bad tag fails on every rank with rank 0's one-line reason.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from training import checkpoint as ckpt
+from training.atomic import remove_stale_temporaries
+from training.distributed import Dist
+
+
+@dataclass
+class Restored:
+    """What a resumed run continues from (the weights and optimizer are already loaded)."""
+
+    tag: str
+    step: int
+    state: dict[str, Any]  # scheduler, scaler, loader, tokens_seen, best_val_loss, world_size
+    rng: dict[str, Any] | None  # this rank's RNG states; None when the world size changed
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, dist: Dist, config: dict[str, Any], keep_last_n: int, tied: bool,
+                 warn: Callable[[str], None]) -> None:
+        self.directory = Path(directory)
+        self.dist, self.config, self.tied, self.warn = dist, config, tied, warn
+        if dist.is_main and self.directory.is_dir():
+            remove_stale_temporaries(self.directory)  # a killed writer's temporaries; only the writing rank may touch them
+
+        def after_write(snap: ckpt.Snapshot) -> None:
+            if snap.tag.startswith("step"):
+                ckpt.prune(self.directory, keep_last_n, protect={snap.tag})
+
+        self.writer = ckpt.AsyncCheckpointer(self.directory, after_write)
+        self.save_cost: float | None = None  # seconds the last save took, gather and write
+        self.last_save = time.monotonic()
+
+    def save(self, tags: list[str], step: int, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             state: dict[str, Any], rng: dict[str, Any], block: bool = False) -> None:
+        """Write ``tags[0]`` (the rest become links to it); ``block`` waits for the write (final, stop)."""
+        t0 = time.monotonic()
+        if self.dist.is_main:
+            self.writer.wait()
+        self.dist.slow_barrier()
+        full = {**state, "optimizer": self.dist.optimizer_state(net, optimizer), "rng": self.dist.gather_objects(rng)}
+        weights = self.dist.model_state(net, self.tied)
+        if self.dist.is_main:
+            live = ckpt.live_storages(list(net.parameters()), optimizer.state)
+            self.writer.save(ckpt.capture(tags[0], step, weights, full, self.config, live, tags[1:]), block=block)
+        del full, weights
+        self.save_cost = time.monotonic() - t0 + self.writer.last_seconds
+        self.last_save = time.monotonic()
+
+    def poll(self) -> None:
+        self.writer.poll()
+
+    def wait(self) -> None:
+        """The last write is whole on disk, and every rank knows it (the end of a run)."""
+        if self.dist.is_main:
+            self.writer.wait()
+        self.dist.slow_barrier()
+
+    def restore(self, spec: str, net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Restored | None:
+        """Load ``spec`` (``auto``, a directory or a tag path) into ``net`` and ``optimizer``; None when
+        ``auto`` finds no checkpoint. Errors are raised on every rank with rank 0's message."""
+        loaded, header = None, None
+        if self.dist.is_main:
+            try:
+                loaded = ckpt.resolve_resume(spec, self.directory, self.warn)
+                if loaded is not None:
+                    small = {k: v for k, v in loaded.state.items() if k not in ("optimizer", "rng")}
+                    where = Path(spec) if spec != "auto" else self.directory
+                    header = {"tag": loaded.tag, "step": loaded.step, "state": small, "rng": loaded.state["rng"],
+                              "path": str(where / loaded.tag if where.is_dir() else where)}
+            except ckpt.CheckpointError as exc:
+                header = {"error": str(exc)}
+        header = self.dist.broadcast_object(header)
+        if header is None:
+            return None
+        if "error" in header:
+            raise ckpt.CheckpointError(header["error"])
+        self.dist.load_model_state(net, loaded.weights if loaded else None, self.tied, source=f"{header['path']}.safetensors")
+        self.dist.load_optimizer_state(net, optimizer, loaded.state["optimizer"] if loaded else None)
+        del loaded
+        rngs = header["rng"]
+        rng = rngs[self.dist.rank] if len(rngs) == self.dist.world_size else None
+        return Restored(header["tag"], int(header["step"]), header["state"], rng)

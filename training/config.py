@@ -139,6 +139,8 @@ class TrainConfig(_Strict):
     seed: int = 42
     num_workers: int = Field(4, ge=0, description="Batches prefetched by a background thread; 0 = none")
     compile_model: bool = False
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        "inductor", description="torch.compile backend; aot_eager/eager capture the same graphs without code generation (debugging)")
     device: str = "auto"
     activation_checkpointing: bool = False
     tensorboard_dir: str | None = None

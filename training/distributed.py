@@ -77,13 +77,14 @@ class Dist:
         return dist.is_available() and dist.is_initialized()
 
     def replicate(self, model: nn.Module) -> nn.Module:
-        """DDP when the strategy asks for it (gradients live in the all-reduce buckets: no second copy)."""
+        """DDP when the strategy asks for it: gradients live in the all-reduce buckets (no second copy), and
+        buffers are not broadcast before every forward (the only ones, the RoPE tables, are computed alike everywhere)."""
         if self.strategy != "ddp":
             return model
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(model, device_ids=ids, gradient_as_bucket_view=True)
+        return DDP(model, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False)
 
     def shard(self, model: nn.Module, param_dtype: torch.dtype | None) -> None:
         """FSDP2: each block, then the root (embeddings, final norm, head), in place."""

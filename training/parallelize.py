@@ -1,12 +1,12 @@
 """Turn a model built on the meta device into the one a run trains: checkpointed, compiled, sharded, initialised.
 
-The order is torchtitan's, and it matters:
-
-- **FSDP2**: per block, activation-checkpoint wrapper, then ``block.compile()``, then ``fully_shard(block)``;
-  the final norm, head and loss (``Transformer.output``) are compiled on their own, and the root is
-  sharded but never compiled. ``torch.compile`` around a sharded root breaks on FSDP's hooks in the
-  loop over blocks and ends up compiling nothing.
-- **DDP / one process**: the whole model is compiled (one graph, or DDP's per-bucket graphs).
+The order is torchtitan's, and it matters: per block, the activation-checkpoint wrapper, then
+``block.compile()``, then (FSDP2) ``fully_shard(block)``; the final norm, head and loss
+(``Transformer.output``) are compiled on their own, and the root is never compiled. Compiling the
+root instead breaks on FSDP's hooks in the loop over blocks and ends up compiling nothing, and on
+DDP it traces DDP's own wrapper (graph breaks every step). Per block, every block runs compiled
+under every strategy, one graph serves all blocks (compile time does not grow with depth), and
+DDP's buckets overlap with the backward of the blocks still running.
 
 The model is built with no storage (meta device), wrapped and sharded, then ``to_empty`` gives each
 rank storage for its own shard only, and :meth:`Transformer.init_weights` fills it. No rank ever
@@ -31,11 +31,11 @@ def apply_activation_checkpointing(model: Transformer) -> None:
         model.layers[i] = checkpoint_wrapper(block)
 
 
-def compile_per_block(model: Transformer) -> None:
+def compile_per_block(model: Transformer, backend: str) -> None:
     """Compile each block in place, and the output (norm, head, loss) on its own: the FSDP way."""
     for block in model.layers:
-        block.compile()
-    model.output = torch.compile(model.output)  # type: ignore[method-assign]
+        block.compile(backend=backend)
+    model.output = torch.compile(model.output, backend=backend)  # type: ignore[method-assign]
 
 
 def build_model(cfg: TrainConfig, dist: Dist, param_dtype: torch.dtype | None) -> tuple[Transformer, nn.Module]:
@@ -43,9 +43,10 @@ def build_model(cfg: TrainConfig, dist: Dist, param_dtype: torch.dtype | None) -
     model = build_meta_model(cfg.model)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if cfg.compile_model:
+        torch._dynamo.utils.counters.clear()  # the compile report counts this model's graphs only
+        compile_per_block(model, cfg.compile_backend)
     if dist.strategy == "fsdp":
-        if cfg.compile_model:
-            compile_per_block(model)
         dist.shard(model, param_dtype)
         model.to_empty(device=dist.device)
         if cfg.model.tie_embeddings and model.lm_head.weight is not model.embed_tokens.weight:
@@ -55,7 +56,4 @@ def build_model(cfg: TrainConfig, dist: Dist, param_dtype: torch.dtype | None) -
     model.to_empty(device=dist.device)
     model.tie_weights()
     model.init_weights(cfg.seed)
-    net = dist.replicate(model)
-    if cfg.compile_model:
-        net = torch.compile(net)
-    return model, net
+    return model, dist.replicate(model)

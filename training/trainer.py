@@ -209,6 +209,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                              cfg.optimizer.grad_clip, agreement)
             if out is None:  # a stop signal cut the step short: the last completed step is the resume point
                 optimizer.zero_grad(set_to_none=True)
+                log.info(f"step {step + 1} cut short by the stop signal: its partial gradients are dropped")
                 result.exit_code = _stop(stop, dist, checkpoints, cfg, log, step, lambda: save([ckpt.step_tag(step)], True, boundary))
                 break
             loss, norm = out

@@ -106,4 +106,4 @@ def test_model_returns_loss_without_logits_and_logits_without_targets() -> None:
     full, none = model(idx)
     assert none is None and full.shape == (2, 16, 97)
     ref = F.cross_entropy(full.float().view(-1, 97), targets.view(-1), ignore_index=-100)
-    assert abs(float(loss.detach()) - float(ref)) < 1e-5
+    assert abs(float(loss.detach()) - float(ref.detach())) < 1e-5

@@ -77,7 +77,7 @@ def _chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
         if gh is not None:
             gh[start:end] = grad @ w
         if gw is not None:
-            gw += (grad.T @ hc).float()
+            gw.add_(grad.T @ hc)  # in-place add upcasts without a float32 copy of the chunk's gradient
     return loss_sum / count, gh, gw
 
 

@@ -107,3 +107,14 @@ def test_model_returns_loss_without_logits_and_logits_without_targets() -> None:
     assert none is None and full.shape == (2, 16, 97)
     ref = F.cross_entropy(full.float().view(-1, 97), targets.view(-1), ignore_index=-100)
     assert abs(float(loss.detach()) - float(ref.detach())) < 1e-5
+
+
+def test_evaluation_under_no_grad_gives_the_same_loss_and_keeps_nothing() -> None:
+    hidden, weight = torch.randn(45, 16, requires_grad=True), torch.randn(70, 16, requires_grad=True)
+    targets = torch.randint(0, 70, (45,))
+    targets[3:9] = -100
+    with torch.no_grad():
+        saved = _saved_bytes(lambda: linear_cross_entropy(hidden, weight, targets, chunk_rows=8))
+        got, ref = linear_cross_entropy(hidden, weight, targets, chunk_rows=8), _plain(hidden, weight, targets)
+    assert saved == 0 and got.grad_fn is None
+    assert abs(float(got) - float(ref)) < 1e-5

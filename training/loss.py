@@ -109,12 +109,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     (and so are the gradients) without materialising the (N, V) logits for backward.
     """
     dtype = compute_dtype(hidden, weight)
+    rows = chunk_rows or default_chunk_rows(hidden.shape[0], weight.shape[0], weight.shape[1])
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):  # evaluation: no gradients to make
+        with _autocast_off(hidden.device.type):
+            return _chunked(hidden, weight, targets, rows, ignore_index, dtype, False, False)[0]
     if use_liger and _liger is not None and hidden.is_cuda:
         with _autocast_off("cuda"):
             out = _liger(hidden.to(dtype), weight.to(dtype), targets, ignore_index=ignore_index, reduction="mean")
         return (out[0] if isinstance(out, tuple) else out).float()
-    rows = chunk_rows or default_chunk_rows(hidden.shape[0], weight.shape[0], weight.shape[1])
-    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
-        with _autocast_off(hidden.device.type):
-            return _chunked(hidden, weight, targets, rows, ignore_index, dtype, False, False)[0]
     return _LinearCrossEntropy.apply(hidden, weight, targets, rows, ignore_index, dtype)

@@ -70,8 +70,8 @@ class _FlashLike(torch.autograd.Function):
 
 
 def _flash_like_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    return _FlashLike.apply(q.to(_LOW) if q.dtype == torch.float32 else q, k.to(q.dtype) if k.dtype == torch.float32 else k,
-                            v.to(q.dtype) if v.dtype == torch.float32 else v)
+    """Stands in for ``F.scaled_dot_product_attention`` (looked up there by the model at each call)."""
+    return _FlashLike.apply(q, k, v)
 
 
 class _AutocastOnMeta(TorchFunctionMode):

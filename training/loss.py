@@ -46,10 +46,16 @@ def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+MIN_CHUNK_ROWS = 1024
+
+
 def default_chunk_rows(rows: int, vocab: int, dim: int) -> int:
-    """Rows per chunk such that one chunk's logits are about the size of ``hidden``
-    (liger-kernel's rule): the transient stays below what the activations already cost."""
-    return max(1, math.ceil(rows / math.ceil(vocab / dim)))
+    """Rows per chunk such that one chunk's logits are about the size of ``hidden`` (liger-kernel's
+    rule: the transient stays below what the activations already cost), but at least 1024 rows:
+    every chunk adds its (V, d) weight gradient, and thinner chunks make that GEMM memory-bound
+    (63 chunks of 33 rows ran 2x slower than the plain loss on a CPU; 1024 rows of a 32k
+    vocabulary is a 131 MB float32 transient)."""
+    return max(1, min(rows, max(MIN_CHUNK_ROWS, math.ceil(rows / math.ceil(vocab / dim)))))
 
 
 def _chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int, ignore_index: int,
@@ -77,7 +83,10 @@ def _chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
         if gh is not None:
             gh[start:end] = grad @ w
         if gw is not None:
-            gw.add_(grad.T @ hc)  # in-place add upcasts without a float32 copy of the chunk's gradient
+            if dtype == torch.float32:
+                gw.addmm_(grad.T, hc)  # accumulate inside the GEMM: no extra pass over (V, d) per chunk
+            else:
+                gw.add_(grad.T @ hc)  # in-place add upcasts without a float32 copy of the chunk's gradient
     return loss_sum / count, gh, gw
 
 

@@ -143,6 +143,8 @@ class TrainConfig(_Strict):
         "inductor", description="torch.compile backend; aot_eager/eager capture the same graphs without code generation (debugging)")
     device: str = "auto"
     activation_checkpointing: bool = False
+    ac_every: int = Field(1, ge=1, description="With activation_checkpointing: checkpoint blocks 0, N, 2N, ... "
+                          "(1 = every block; 2 = every other one: half the recompute, about twice the activations)")
     tensorboard_dir: str | None = None
     max_bad_steps: int = Field(5, ge=1, description="Consecutive non-finite steps that stop the run")
     preemption_grace_s: float = Field(25.0, gt=0, description="Seconds between SIGTERM and SIGKILL we may use")

@@ -15,13 +15,17 @@ from rich.console import Console
 
 from training.atomic import atomic_write_text
 
-# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name().
-# Order matters: the first match wins, so specific names come before general ones.
+# Dense (no sparsity) bf16 tensor-core peaks with float32 accumulation, FLOP/s, by a substring of
+# torch.cuda.get_device_name() (NVIDIA's datasheets). The first match wins: a name that contains
+# another ("H100 NVL" contains "H100", "GH200" contains "H200", "A100" contains "A10") comes first;
+# a test checks the order. The NVL parts run at a lower clock than the SXM ones.
 GPU_PEAK_BF16: list[tuple[str, float]] = [
+    ("GH200", 989e12),
+    ("H200 NVL", 835e12),
     ("H200", 989e12),
+    ("H100 NVL", 835e12),
     ("H100 PCIe", 756e12),
     ("H100", 989e12),
-    ("GH200", 989e12),
     ("B200", 2250e12),
     ("A100", 312e12),
     ("A800", 312e12),
@@ -38,11 +42,8 @@ GPU_PEAK_BF16: list[tuple[str, float]] = [
 ]
 
 
-def device_peak_flops(device: torch.device) -> float | None:
-    """Peak dense bf16 FLOP/s of ``device``, or None when unknown (then MFU is not reported)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+def peak_flops_for(name: str) -> float | None:
+    """Peak dense bf16 FLOP/s of the GPU called ``name``, or None when it is not in the table."""
     for key, peak in GPU_PEAK_BF16:
         if key in name:
             return peak
@@ -63,6 +64,13 @@ def compile_report() -> dict[str, int]:
         "frames_compiled": int(counters["frames"]["ok"]),
         "frames_skipped": int(counters["frames"]["total"] - counters["frames"]["ok"]),
     }
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of ``device``, or None when unknown (then MFU is not reported)."""
+    if device.type != "cuda":
+        return None
+    return peak_flops_for(torch.cuda.get_device_name(device))
 
 
 def mfu(tokens_per_second: float, flops_per_token: float, peak: float | None, world_size: int = 1) -> float | None:

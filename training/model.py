@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.config import ModelConfig
+from training.loss import linear_cross_entropy
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
@@ -166,7 +167,10 @@ class Transformer(nn.Module):
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(logits, None)`` without targets (sampling, scoring); ``(None, loss)`` with them: the
+        training loss never builds the full logits (see training/loss.py), so none are returned.
+        Targets equal to -100 are ignored (masked fine-tuning)."""
         T = idx.shape[1]
         x = self.embed_tokens(idx)
         rope = None
@@ -179,13 +183,13 @@ class Transformer(nn.Module):
             x = block(x, rope)
         return self.output(x, targets)
 
-    def output(self, x: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Final norm, head and loss: a method of its own so FSDP runs can compile it apart from the blocks."""
-        logits = self.lm_head(self.norm(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
-        return logits, loss
+    def output(self, x: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Final norm, head and loss: a method of its own so it is compiled apart from the blocks."""
+        h = self.norm(x)
+        if targets is None:
+            return self.lm_head(h), None
+        # The loss without the (B*T, vocab) logits: chunked (or liger's fused kernel on CUDA).
+        return None, linear_cross_entropy(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1))
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 50) -> torch.Tensor:

@@ -23,12 +23,14 @@ from training.model import Transformer, build_meta_model
 from training.config import TrainConfig
 
 
-def apply_activation_checkpointing(model: Transformer) -> None:
-    """Wrap every block so its activations are recomputed in backward instead of kept (state-dict keys unchanged)."""
+def apply_activation_checkpointing(model: Transformer, every: int = 1) -> None:
+    """Wrap blocks 0, every, 2*every, ... so their activations are recomputed in backward instead of
+    kept (selective with ``every`` > 1: memory for a fraction of the recompute; state-dict keys unchanged)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     for i, block in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(block)
+        if i % every == 0:
+            model.layers[i] = checkpoint_wrapper(block)
 
 
 def compile_per_block(model: Transformer, backend: str) -> None:
@@ -42,7 +44,7 @@ def build_model(cfg: TrainConfig, dist: Dist, param_dtype: torch.dtype | None) -
     """(model, net): ``model`` holds the parameters by name, ``net`` is what the training step calls."""
     model = build_meta_model(cfg.model)
     if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, cfg.ac_every)
     if cfg.compile_model:
         torch._dynamo.utils.counters.clear()  # the compile report counts this model's graphs only
         compile_per_block(model, cfg.compile_backend)

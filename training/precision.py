@@ -40,7 +40,8 @@ def resolve_precision(dtype: str, explicit: bool, device: torch.device, fsdp: bo
     reason = f"dtype {dtype}"
     if device.type == "cpu" and not explicit:
         want, reason = torch.float32, "float32 on CPU (set dtype explicitly for CPU autocast)"
-    elif device.type == "cuda" and want == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+    elif device.type == "cuda" and want == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+        # Emulated bf16 (V100, T4: is_bf16_supported() says True by default) runs at a fraction of fp16's speed.
         want, reason = torch.float16, "float16 + GradScaler (this GPU has no bfloat16)"
     scaler = want == torch.float16
     autocast = want != torch.float32 and not fsdp

@@ -28,7 +28,7 @@ from sharder.errors import ShardError, ShardInterrupted
 from sharder.manifest import ManifestError, load_manifest
 from sharder.pipeline import ShardOptions, run_shard
 from training.checkpoint import list_tags
-from training.config import ConfigError, TrainConfig, apply_overrides, dump_config, load_config, read_config_file, validate_config
+from training.config import ConfigError, TrainConfig, dump_config, load_config, read_config_file, validate_config
 from training.token_shards import TOKEN_SUFFIX, TokenShardError, read_header
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -260,7 +260,7 @@ class Pipeline:
         })
         if data["val_data"] is None:
             del data["val_data"]
-        return validate_config(apply_overrides(data, self.opts.overrides), str(self.config_path))
+        return validate_config(data, str(self.config_path), self.opts.overrides)
 
     def emit_stage(self, changed: bool) -> dict[str, Any]:
         L = self.layout

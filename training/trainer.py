@@ -31,7 +31,7 @@ from training.atomic import remove_stale_temporaries
 from training.config import TrainConfig
 from training.data import BatchLoader, Prefetcher, TokenStream, iter_eval_batches, resolve_shards
 from training.distributed import Dist, setup
-from training.metrics import RunLog, device_peak_flops, mfu, trim_metrics
+from training.metrics import RunLog, device_peak_flops, mfu, system_telemetry, trim_metrics
 from training.model import Transformer, count_parameters, flops_per_token
 from training.optim import build_optimizer, build_scheduler
 from training.precision import Precision, resolve_precision
@@ -227,6 +227,16 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
             with open(metrics_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"step": step, **values}) + "\n")
 
+    if cfg.eval_only:  # seed 001: one evaluation of the (resumed) weights, nothing trained or saved
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        val = evaluate(net, val_stream, cfg, dist, precision)
+        log.info(f"step {step} | val loss {val:.4f} (eval_only)")
+        record({"val_loss": val})
+        log.close()
+        dist.shutdown()
+        return TrainResult(EXIT_OK, step, tokens_seen, time.monotonic() - start_time, val_losses={step: val},
+                           best_val_loss=min(best_val, val), checkpoint_dir=str(ckpt_dir))
+
     stop = StopFlag()
     stop.install()
     batches = Prefetcher(loader, cfg.num_workers)
@@ -274,7 +284,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                          f"{tps:,.0f} tok/s" + (f" | mfu {util:.1%}" if util is not None else "") +
                          f" | mem {_peak_memory_gb(dist.device):.2f}GB | {1000 * elapsed / max(1, window_tokens // tokens_per_step):.0f}ms/step | eta {_fmt_duration(eta)}")
                 record({"loss": loss_v, "lr": lr, "grad_norm": float(norm), "tokens_per_s": tps, "mfu": util,
-                        "peak_mem_gb": _peak_memory_gb(dist.device), "tokens_seen": tokens_seen})
+                        "peak_mem_gb": _peak_memory_gb(dist.device), "tokens_seen": tokens_seen, **system_telemetry(dist.device)})
                 result.losses[step] = loss_v
                 window_start, window_tokens = time.perf_counter(), 0
             if finite and val_stream is not None and (step % cfg.eval_every == 0 or step == cfg.num_steps):
@@ -299,7 +309,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                              f"{cfg.preemption_grace_s:.0f}s grace period; the newest periodic checkpoint is the resume point")
                 result.exit_code = EXIT_SIGINT if stop.signum == signal.SIGINT else EXIT_SIGTERM
                 break
-            if finite and step < cfg.num_steps and (step % cfg.save_every == 0 or timed):
+            if finite and step < cfg.num_steps and cfg.always_save_checkpoint and (step % cfg.save_every == 0 or timed):
                 save(ckpt.step_tag(step))
         else:
             save("final", block=True)

@@ -21,6 +21,7 @@ from typing import Any
 from rich.console import Console
 
 from orchestrator.encode import EncodeError, encode_shards
+from orchestrator.lock import ExperimentLock, LockHeld
 from orchestrator.stages import STAGE_NAMES, Stage, StageRecord, run_stages
 from orchestrator.tokenizer import META_FILE, TOKENIZER_FILE, TokenizerBundle, TokenizerError, prepare_tokenizer
 from orchestrator.workspace import HF_CACHE_VARIABLES, Layout, LayoutError
@@ -33,6 +34,7 @@ from training.token_shards import TOKEN_SUFFIX, TokenShardError, read_header
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = {"cloud": "configs/runpod_1b.yaml", "local": "configs/m3_medium.yaml"}
+LOCK_FILE = ".orchestrate.lock"
 
 
 class PipelineError(ValueError):
@@ -102,7 +104,7 @@ def _shard_options(opts: PipelineOptions, layout: Layout, items: list[str], mode
                   overwrite=overwrite)
     if hub:
         dataset, name = _hf_spec(hub[0])
-        return ShardOptions(dataset=dataset, name=name, **common)
+        return ShardOptions(dataset=dataset, name=name, source_label=f"--input {hub[0]}", **common)
     return ShardOptions(input=items, **common)
 
 
@@ -296,13 +298,25 @@ class Pipeline:
         return {"result": str(cfg.checkpoint_dir), "throughput": f"{tps[-1]:,.0f} tokens/s" if tps else ""}
 
     def run(self, dry_run: bool = False) -> list[StageRecord]:
-        if not dry_run:
+        if dry_run:
+            return run_stages(self.stages(), self.layout.stages, self.console, dry_run=True, user_errors=USER_ERRORS)
+        with self.lock():
             before = {key: os.environ.get(key) for key in HF_CACHE_VARIABLES}
             for key, value in self.layout.apply_hf_environment(enforce=self.opts.mode == "cloud").items():
                 if before[key] not in (None, value):
                     self.console.print(f"[stage] layout: {key}={before[key]} replaced by {value}: cloud mode keeps the "
                                        "Hugging Face caches on the workspace volume", markup=False)
-        return run_stages(self.stages(), self.layout.stages, self.console, dry_run=dry_run, user_errors=USER_ERRORS)
+            return run_stages(self.stages(), self.layout.stages, self.console, user_errors=USER_ERRORS)
+
+    def lock(self) -> ExperimentLock:
+        """This experiment's lock, taken: the first write to the workspace, so an unwritable one fails here."""
+        lock = ExperimentLock(self.layout.run / LOCK_FILE)
+        try:
+            return lock.acquire()
+        except LockHeld as exc:
+            raise PipelineError(str(exc)) from None
+        except OSError as exc:
+            raise PipelineError(self.layout.unwritable(exc, self.opts.workspace is not None)) from None
 
 
 class TrainingExit(RuntimeError):
@@ -314,7 +328,7 @@ class TrainingExit(RuntimeError):
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    PipelineError, ShardError, ShardInterrupted, TokenizerError, EncodeError, ConfigError, ManifestError, TrainingExit,
+    PipelineError, LayoutError, ShardError, ShardInterrupted, TokenizerError, EncodeError, ConfigError, ManifestError, TrainingExit,
 )
 
 

@@ -104,3 +104,114 @@ def test_unknown_override_names_the_command_line(byte_corpus, tmp_path) -> None:
     result = CliRunner().invoke(train_app, [str(path), "optimizer.betas=0.9", "--dry-run"])
     assert result.exit_code == 2
     assert one_line(result.stderr) == "train: error: command line override optimizer.betas=0.9: optimizer.betas: unknown key"
+
+
+# 7. `tokenizer encode` onto a full disk names the output, not the input ---------------------------
+def _can_mount_private_tmpfs() -> bool:
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_mount_private_tmpfs(), reason="needs unshare and tmpfs mounts (user namespaces)")
+def test_encode_onto_a_full_disk_names_the_output_shard(tmp_path) -> None:
+    from test_tokenizer import make_documents, write_text_dir
+
+    from orchestrator.tokenizer import prepare_tokenizer
+
+    text = tmp_path / "text"
+    write_text_dir(text, make_documents(200_000, seed=1), num_shards=1)
+    bundle = prepare_tokenizer([text], tmp_path / "tok", 300)[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    # A private 64 KB filesystem: the manifest fits, the ~100 KB token shard does not.
+    shell = (f"mount -t tmpfs -o size=64k tmpfs {out} && {sys.executable} -m orchestrator tokenizer encode "
+             f"--text-dir {text} --out-dir {out} --bundle-dir {bundle.directory} --workers 1; rc=$?; ls -a {out}; exit $rc")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", shell], env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert one_line(proc.stderr) == f"error: {out / 'shard_00000.tok'}: cannot write token shard: No space left on device"
+    assert ".tmp" not in proc.stdout and "shard_00000.tok" not in proc.stdout  # nothing half-written is left
+
+
+# 3. an unwritable workspace ------------------------------------------------------------------------
+@pytest.fixture
+def text_input(tmp_path: Path) -> Path:
+    path = tmp_path / "in.txt"
+    path.write_text("a first document\na second document\n")
+    return path
+
+
+def orchestrate(*args: str):
+    from orchestrator.cli import app as orchestrate_app
+
+    return CliRunner().invoke(orchestrate_app, list(args))
+
+
+@pytest.mark.parametrize("where, reason", [
+    ("/proc/podtrain-ws", "cannot create /proc/podtrain-ws: No such file or directory"),
+    ("afile/ws", "{tmp}/afile is a file, not a directory"),
+])
+def test_unwritable_workspace_is_one_line_naming_the_path(tmp_path, text_input, monkeypatch, where, reason) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("not a directory")
+    result = orchestrate("--input", str(text_input), "--experiment", "e", "--workspace", where)
+    assert result.exit_code == 2
+    root = Path(where).absolute()
+    assert one_line(result.stderr) == f"orchestrate: error: --workspace {root}: not writable: {reason.format(tmp=tmp_path)}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_mount_private_tmpfs(), reason="needs unshare and tmpfs mounts (user namespaces)")
+def test_read_only_workspace_is_one_line(tmp_path, text_input) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    shell = (f"mount -t tmpfs -o ro,size=64k tmpfs {ws} && {sys.executable} -m orchestrator --input {text_input} "
+             f"--experiment e --workspace {ws}")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", shell], env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert one_line(proc.stderr) == f"orchestrate: error: --workspace {ws}: not writable: cannot create {ws}/runs: Read-only file system"
+
+
+# 6. two orchestrate runs on one experiment ------------------------------------------------------------
+def test_second_run_on_an_experiment_names_the_holder(tmp_path, text_input) -> None:
+    import socket
+
+    lock = tmp_path / "ws" / "runs" / "e" / ".orchestrate.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from orchestrator.lock import ExperimentLock; "
+                               f"ExperimentLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)", str(lock)],
+                              env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = orchestrate("--input", str(text_input), "--experiment", "e", "--workspace", str(tmp_path / "ws"))
+        assert result.exit_code == 2
+        line = one_line(result.stderr)
+        assert line.startswith(f"orchestrate: error: experiment e is in use by PID {holder.pid} on host {socket.gethostname()} (since ")
+        assert line.endswith(f"wait for it to finish or stop it (lock: {lock})")
+        assert not (tmp_path / "ws" / "datasets").exists()  # refused before touching anything
+    finally:
+        holder.kill()  # kill -9: the kernel drops the lock with its holder, nothing stale is left
+        holder.wait()
+    from orchestrator.lock import ExperimentLock
+
+    ExperimentLock(lock).acquire().release()
+
+
+# 10. the empty volumeName, and hf: errors naming --input ---------------------------------------------
+def test_empty_volume_name_is_not_called_a_placeholder(tmp_path) -> None:
+    from orchestrator.pod_manifest import ManifestError, load_manifest
+
+    shipped = Path(__file__).resolve().parents[1] / "infra" / "runpod-pod.yaml"
+    manifest = tmp_path / "pod.yaml"
+    manifest.write_text(shipped.read_text().replace("volumeName: YOUR_VOLUME_ID", 'volumeName: ""'))
+    with pytest.raises(ManifestError) as err:
+        load_manifest(manifest)
+    assert str(err.value) == (f"{manifest}: volumeMounts[0].volumeName: is empty: set your network volume id; find it "
+                              "with `runpodctl network-volume list` or the console's Storage page")
+
+
+def test_hf_input_errors_name_the_input_flag(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = orchestrate("--input", "hf:nosuch/thing", "--experiment", "e", "--workspace", str(tmp_path / "ws"))
+    assert result.exit_code == 2
+    assert one_line(result.stderr) == ("orchestrate: error: stage shard failed: --input hf:nosuch/thing: cannot reach "
+                                       "the Hugging Face Hub: offline mode is on (HF_HUB_OFFLINE=1)")

@@ -23,6 +23,7 @@ from rich.console import Console
 from orchestrator.encode import EncodeError, encode_shards
 from orchestrator.lock import ExperimentLock, LockHeld
 from orchestrator.stages import STAGE_NAMES, Stage, StageRecord, run_stages
+from orchestrator.torchrun_output import filter_stream
 from orchestrator.tokenizer import META_FILE, TOKENIZER_FILE, TokenizerBundle, TokenizerError, prepare_tokenizer
 from orchestrator.workspace import HF_CACHE_VARIABLES, Layout, LayoutError
 from sharder.errors import ShardError, ShardInterrupted
@@ -341,21 +342,34 @@ def training_command(config: Path, nproc: int) -> list[str]:
 
 
 def launch_training(config: Path, nproc: int | None, console: Console) -> int:
-    """Run the trainer as a child and forward SIGTERM/SIGINT to it once, so it can checkpoint and exit."""
+    """Run the trainer as a child and forward SIGTERM/SIGINT to it once, so it can checkpoint and exit.
+
+    Through torchrun, its failure report is dropped from stderr and the failed rank's own exit code
+    returned (``orchestrator.torchrun_output``), so a bad shard reads as one line and exits 2.
+    """
     if nproc is None:
         import torch
 
         nproc = torch.cuda.device_count()
     cmd = training_command(config, nproc)
     console.print(f"[stage] train: {' '.join(cmd)}", markup=False)
-    child = subprocess.Popen(cmd, start_new_session=True)  # its own group: a Ctrl-C reaches it once, from us
+    piped = nproc > 1
+    # its own group: a Ctrl-C reaches it once, from us
+    child = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.PIPE if piped else None, text=piped)
 
     def forward(signum: int, frame: Any) -> None:
         child.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return child.wait()
+        rank_code = filter_stream(child.stderr, _to_stderr) if piped else None
+        code = child.wait()
+        return rank_code if code != 0 and rank_code is not None else code
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _to_stderr(line: str) -> None:
+    sys.stderr.write(line)
+    sys.stderr.flush()

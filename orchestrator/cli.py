@@ -1,7 +1,7 @@
 """``orchestrate``: the whole pipeline in one command, plus ``orchestrate pod ...`` and ``orchestrate tokenizer ...``.
 
     orchestrate --mode cloud|local --input PATH... --experiment NAME --train-shard-lines N
-                [--validation PATH] [--reuse-shards] [--tokenizer-json PATH] [--config CONFIG]
+                [--validation PATH...] [--reuse-shards] [--tokenizer-json PATH] [--config CONFIG]
                 [--workspace ROOT] [--dry-run] [--stop-after STAGE] [key=value ...]
 
 Environment knobs (the pod's): RUN_EXPERIMENT (--experiment), RUN_CONFIG (--config), RUN_SHARD
@@ -20,6 +20,7 @@ from rich.console import Console
 
 from orchestrator.pipeline import Pipeline, PipelineError, PipelineOptions
 from orchestrator.stages import STAGE_NAMES, StageFailed, summary_table
+from sharder.argv import spread_multi_value_flags
 
 EXIT_USAGE = 2
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -40,10 +41,10 @@ def _run_shard_env() -> bool | None:
 def pipeline(
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides written into the emitted training config"),
     mode: str = typer.Option("local", "--mode", help="cloud (/workspace, HF caches enforced) or local (./workspace)"),
-    inputs: Optional[List[str]] = typer.Option(None, "--input", help="text/jsonl/parquet files or globs, or hf:OWNER/DATASET[/CONFIG]"),
+    inputs: Optional[List[str]] = typer.Option(None, "--input", help="text/jsonl/parquet files or globs, or hf:OWNER/DATASET[/CONFIG]; several after one --input, or the flag repeated"),
     experiment: Optional[str] = typer.Option(None, "--experiment", envvar="RUN_EXPERIMENT", help="names every per-run folder"),
     train_shard_lines: int = typer.Option(250_000, "--train-shard-lines", envvar="SHARD_LINES", help="documents per text shard"),
-    validation: Optional[List[str]] = typer.Option(None, "--validation", help="a separate validation corpus (else a split by --val-ratio)"),
+    validation: Optional[List[str]] = typer.Option(None, "--validation", help="a separate validation corpus (else a split by --val-ratio); several paths as for --input"),
     reuse_shards: bool = typer.Option(False, "--reuse-shards", help="keep the existing shard folders (no sharding)"),
     tokenizer_json: Optional[str] = typer.Option(None, "--tokenizer-json", help="reuse this tokenizer.json (or HF tokenizer folder)"),
     config: Optional[str] = typer.Option(None, "--config", envvar="RUN_CONFIG", help="base training config (default by mode)"),
@@ -99,8 +100,8 @@ def main() -> None:
         from orchestrator.tokenizer_cli import app as tokenizer_app
 
         tokenizer_app(args=args[1:], prog_name="orchestrate tokenizer")
-    else:
-        app(args=args, prog_name="orchestrate")
+    else:  # --input a b c: values up to the next flag or key=value override
+        app(args=spread_multi_value_flags(args, ("--input", "--validation"), lambda token: "=" in token), prog_name="orchestrate")
 
 
 if __name__ == "__main__":

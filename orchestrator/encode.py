@@ -225,7 +225,10 @@ def _write_manifest(out_dir: Path, text_dir: Path, source: Manifest, bundle: Tok
         "totals": {k: sum(e[k] for e in shards) for k in ("documents", "bytes_in", "tokens")} | {"shards": len(shards)},
         "complete": source.complete and len(shards) == len(source.shards),
     }
-    atomic_write_json(out_dir / MANIFEST_NAME, data)
+    try:
+        atomic_write_json(out_dir / MANIFEST_NAME, data)
+    except OSError as exc:  # a full disk: name the file being written, not a shard being read
+        raise EncodeError(f"{out_dir / MANIFEST_NAME}: cannot write token manifest: {exc.strerror or exc}") from None
     return data
 
 
@@ -361,7 +364,8 @@ def _worker_main(todo, events, parent_pid: int) -> None:
                 loaded[key] = bundle, _make_encoder(bundle, task.engine, task.threads)
             result = _encode_file(task, *loaded[key], events, parent_pid)
         except (ValueError, OSError) as exc:  # user-facing: bad shard, full disk, ...
-            events.put(("error", f"{task.source}: {exc}" if task.source not in str(exc) else str(exc)))
+            named = task.source in str(exc) or task.target in str(exc)  # a write error names the output shard
+            events.put(("error", str(exc) if named else f"{task.source}: {exc}"))
             return
         except SystemExit:
             return

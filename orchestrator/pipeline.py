@@ -21,18 +21,21 @@ from typing import Any
 from rich.console import Console
 
 from orchestrator.encode import EncodeError, encode_shards
+from orchestrator.lock import ExperimentLock, LockHeld
 from orchestrator.stages import STAGE_NAMES, Stage, StageRecord, run_stages
+from orchestrator.torchrun_output import filter_stream
 from orchestrator.tokenizer import META_FILE, TOKENIZER_FILE, TokenizerBundle, TokenizerError, prepare_tokenizer
 from orchestrator.workspace import HF_CACHE_VARIABLES, Layout, LayoutError
 from sharder.errors import ShardError, ShardInterrupted
 from sharder.manifest import ManifestError, load_manifest
 from sharder.pipeline import ShardOptions, run_shard
 from training.checkpoint import list_tags
-from training.config import ConfigError, TrainConfig, apply_overrides, dump_config, load_config, read_config_file, validate_config
+from training.config import ConfigError, TrainConfig, dump_config, load_config, read_config_file, validate_config
 from training.token_shards import TOKEN_SUFFIX, TokenShardError, read_header
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = {"cloud": "configs/runpod_1b.yaml", "local": "configs/m3_medium.yaml"}
+LOCK_FILE = ".orchestrate.lock"
 
 
 class PipelineError(ValueError):
@@ -102,7 +105,7 @@ def _shard_options(opts: PipelineOptions, layout: Layout, items: list[str], mode
                   overwrite=overwrite)
     if hub:
         dataset, name = _hf_spec(hub[0])
-        return ShardOptions(dataset=dataset, name=name, **common)
+        return ShardOptions(dataset=dataset, name=name, source_label=f"--input {hub[0]}", **common)
     return ShardOptions(input=items, **common)
 
 
@@ -260,7 +263,7 @@ class Pipeline:
         })
         if data["val_data"] is None:
             del data["val_data"]
-        return validate_config(apply_overrides(data, self.opts.overrides), str(self.config_path))
+        return validate_config(data, str(self.config_path), self.opts.overrides)
 
     def emit_stage(self, changed: bool) -> dict[str, Any]:
         L = self.layout
@@ -296,13 +299,25 @@ class Pipeline:
         return {"result": str(cfg.checkpoint_dir), "throughput": f"{tps[-1]:,.0f} tokens/s" if tps else ""}
 
     def run(self, dry_run: bool = False) -> list[StageRecord]:
-        if not dry_run:
+        if dry_run:
+            return run_stages(self.stages(), self.layout.stages, self.console, dry_run=True, user_errors=USER_ERRORS)
+        with self.lock():
             before = {key: os.environ.get(key) for key in HF_CACHE_VARIABLES}
             for key, value in self.layout.apply_hf_environment(enforce=self.opts.mode == "cloud").items():
                 if before[key] not in (None, value):
                     self.console.print(f"[stage] layout: {key}={before[key]} replaced by {value}: cloud mode keeps the "
                                        "Hugging Face caches on the workspace volume", markup=False)
-        return run_stages(self.stages(), self.layout.stages, self.console, dry_run=dry_run, user_errors=USER_ERRORS)
+            return run_stages(self.stages(), self.layout.stages, self.console, user_errors=USER_ERRORS)
+
+    def lock(self) -> ExperimentLock:
+        """This experiment's lock, taken: the first write to the workspace, so an unwritable one fails here."""
+        lock = ExperimentLock(self.layout.run / LOCK_FILE)
+        try:
+            return lock.acquire()
+        except LockHeld as exc:
+            raise PipelineError(str(exc)) from None
+        except OSError as exc:
+            raise PipelineError(self.layout.unwritable(exc, self.opts.workspace is not None)) from None
 
 
 class TrainingExit(RuntimeError):
@@ -314,7 +329,7 @@ class TrainingExit(RuntimeError):
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    PipelineError, ShardError, ShardInterrupted, TokenizerError, EncodeError, ConfigError, ManifestError, TrainingExit,
+    PipelineError, LayoutError, ShardError, ShardInterrupted, TokenizerError, EncodeError, ConfigError, ManifestError, TrainingExit,
 )
 
 
@@ -327,21 +342,34 @@ def training_command(config: Path, nproc: int) -> list[str]:
 
 
 def launch_training(config: Path, nproc: int | None, console: Console) -> int:
-    """Run the trainer as a child and forward SIGTERM/SIGINT to it once, so it can checkpoint and exit."""
+    """Run the trainer as a child and forward SIGTERM/SIGINT to it once, so it can checkpoint and exit.
+
+    Through torchrun, its failure report is dropped from stderr and the failed rank's own exit code
+    returned (``orchestrator.torchrun_output``), so a bad shard reads as one line and exits 2.
+    """
     if nproc is None:
         import torch
 
         nproc = torch.cuda.device_count()
     cmd = training_command(config, nproc)
     console.print(f"[stage] train: {' '.join(cmd)}", markup=False)
-    child = subprocess.Popen(cmd, start_new_session=True)  # its own group: a Ctrl-C reaches it once, from us
+    piped = nproc > 1
+    # its own group: a Ctrl-C reaches it once, from us
+    child = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.PIPE if piped else None, text=piped)
 
     def forward(signum: int, frame: Any) -> None:
         child.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return child.wait()
+        rank_code = filter_stream(child.stderr, _to_stderr) if piped else None
+        code = child.wait()
+        return rank_code if code != 0 and rank_code is not None else code
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _to_stderr(line: str) -> None:
+    sys.stderr.write(line)
+    sys.stderr.flush()

@@ -83,11 +83,11 @@ class VolumeMount(_Strict):
     @field_validator("volume_name")
     @classmethod
     def _real_volume(cls, value: str) -> str:
-        if not value.strip() or value.strip() == VOLUME_PLACEHOLDER or value.startswith("<"):
-            raise ValueError(
-                f"set your network volume id (placeholder {VOLUME_PLACEHOLDER!r}); "
-                "find it with `runpodctl network-volume list` or the console's Storage page"
-            )
+        where = "find it with `runpodctl network-volume list` or the console's Storage page"
+        if not value.strip():
+            raise ValueError(f"is empty: set your network volume id; {where}")
+        if value.strip() == VOLUME_PLACEHOLDER or value.startswith("<"):
+            raise ValueError(f"set your network volume id (placeholder {VOLUME_PLACEHOLDER!r}); {where}")
         if not re.fullmatch(r"[A-Za-z0-9_-]+", value):
             raise ValueError(f"{value!r} is not a RunPod volume id (letters, digits, - and _)")
         return value

@@ -85,8 +85,19 @@ class Layout:
         """Create every directory; returns the ones that were missing."""
         made = [d for d in self.directories() if not d.is_dir()]
         for d in self.directories():
-            d.mkdir(parents=True, exist_ok=True)
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LayoutError(self.unwritable(exc, flag=True)) from None
         return made
+
+    def unwritable(self, exc: OSError, flag: bool) -> str:
+        """One line for a workspace that cannot be written (under /proc, a file, a read-only mount)."""
+        where = f"--workspace {self.root}" if flag else f"workspace {self.root}"
+        blocker = next((p for p in [self.root, *self.root.parents] if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            return f"{where}: not writable: {blocker} is a file, not a directory"
+        return f"{where}: not writable: cannot create {exc.filename or self.root}: {exc.strerror or exc}"
 
     def apply_hf_environment(self, enforce: bool) -> dict[str, str]:
         """Point the Hugging Face caches into the workspace.

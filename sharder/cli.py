@@ -7,16 +7,19 @@ Exit codes: 0 done (or already complete), 2 user error (one line on stderr), 130
 from __future__ import annotations
 
 import os
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from sharder.argv import spread_multi_value_flags
 from sharder.errors import EXIT_USER_ERROR, ShardError, ShardInterrupted
 from sharder.options import MODES
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+INPUT_FLAGS = ("--input", "-i")
 
 
 Mode = Enum("Mode", {mode: mode for mode in MODES}, type=str)  # the choices typer shows and checks
@@ -35,7 +38,7 @@ def shard(
     name: Annotated[Optional[str], typer.Option(help="Dataset config, e.g. sample-10BT.")] = None,
     source_split: Annotated[str, typer.Option(help="Split of the source dataset to read.")] = "train",
     text_field: Annotated[str, typer.Option(help="Column holding the document text.")] = "text",
-    input: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="Local .parquet/.jsonl[.gz]/.json[.gz]/.txt[.gz] files, globs or directories (repeatable).")] = None,
+    input: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="Local .parquet/.jsonl[.gz]/.json[.gz]/.txt[.gz] files, globs or directories: several after one --input, or the flag repeated.")] = None,
     output_dir: Annotated[Optional[Path], typer.Option(help="Output directory (split mode: its train/ and val/) [default: <workspace>/datasets/<split>/<experiment>].")] = None,
     experiment: Annotated[str, typer.Option(help="Experiment name in the default output directories.")] = "default",
     min_text_length: Annotated[int, typer.Option(help="Drop documents shorter than this many characters.")] = 1,
@@ -74,4 +77,4 @@ def main() -> None:
     # `datasets` logs its own copy of every error we report in one line; keep only ours. Set
     # through the environment because `datasets` must not be imported before HF_HOME is chosen.
     os.environ.setdefault("DATASETS_VERBOSITY", "critical")
-    app()
+    app(args=spread_multi_value_flags(sys.argv[1:], INPUT_FLAGS), prog_name="fineweb-sharder")

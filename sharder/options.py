@@ -45,6 +45,7 @@ class ShardOptions:
     overwrite: bool = False
     seed: int = 0
     source_split: str = "train"
+    source_label: str | None = None  # names a hub source in errors as the caller's flag (orchestrate: --input hf:...)
 
     def __post_init__(self) -> None:
         if isinstance(self.input, (str, Path)):

@@ -123,7 +123,7 @@ def run_shard(options: ShardOptions, console: Console | None = None) -> ShardRes
     if options.input is not None:
         spec = resolve_inputs(options.input)
     else:
-        spec = hub_source(options.dataset, options.name, options.source_split)
+        spec = hub_source(options.dataset, options.name, options.source_split, options.source_label)
     source = spec.describe()
     for directory in options.output_dirs().values():
         inside = [f for f in spec.files if f.is_relative_to(directory.resolve())]

@@ -69,10 +69,13 @@ class SourceSpec:
     split: str = "train"
     files: tuple[Path, ...] = ()
     columns: tuple[str, ...] | None = None  # known before streaming (parquet footers), else None
+    label: str | None = None  # how the user typed it when not as --dataset (orchestrate's --input hf:...)
 
     @property
     def flag(self) -> str:
         """How error messages name this source: the flag the user typed."""
+        if self.label:
+            return self.label
         return f"--dataset {self.dataset}" if self.kind == "hub" else "--input"
 
     def describe(self) -> dict[str, Any]:
@@ -170,8 +173,8 @@ def resolve_inputs(patterns: list[str]) -> SourceSpec:
     return SourceSpec(kind=kind, files=tuple(readable), columns=columns)
 
 
-def hub_source(dataset: str, name: str | None, split: str) -> SourceSpec:
-    return SourceSpec(kind="hub", dataset=dataset, name=name, split=split)
+def hub_source(dataset: str, name: str | None, split: str, label: str | None = None) -> SourceSpec:
+    return SourceSpec(kind="hub", dataset=dataset, name=name, split=split, label=label)
 
 
 def hf_environment(workspace: Path) -> tuple[str, str | None]:
@@ -346,7 +349,7 @@ def open_stream(spec: SourceSpec, text_field: str, need_key: bool, cache_dir: st
     except Exception as exc:  # `datasets` raises many types for a bad name, config, split or file
         message = str(exc)
         if spec.kind == "hub" and message.startswith("BuilderConfig"):
-            raise ShardError(f"--name {spec.name}: {_first_line(exc)}") from None
+            raise ShardError(f"{spec.label or f'--name {spec.name}'}: {_first_line(exc)}") from None
         if message.startswith("Bad split"):
             raise ShardError(f"--source-split {spec.split}: {_first_line(exc)}") from None
         missing = type(exc).__name__ in ("DatasetNotFoundError", "RepositoryNotFoundError", "FileNotFoundError")

@@ -41,6 +41,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message names the path."""
 
 
+class NoSuchCheckpoint(CheckpointError):
+    """``--resume`` names no checkpoint at all: a bad flag (exit 2), not a damaged file."""
+
+
 def step_tag(step: int) -> str:
     return f"step{step:07d}"
 
@@ -303,7 +307,8 @@ def find_latest(directory: str | Path, warn: Callable[[str], None]) -> Loaded | 
 
 
 def resolve_resume(spec: str, checkpoint_dir: str | Path, warn: Callable[[str], None]) -> Loaded | None:
-    """``auto`` = newest whole tag in ``checkpoint_dir`` (None when there is none); else a tag path."""
+    """``auto`` = newest whole tag in ``checkpoint_dir`` (None when there is none); else a tag path,
+    a directory, or a bare tag name looked up in ``checkpoint_dir`` (``--resume best``)."""
     if spec == "auto":
         return find_latest(checkpoint_dir, warn)
     path = Path(spec)
@@ -313,9 +318,19 @@ def resolve_resume(spec: str, checkpoint_dir: str | Path, warn: Callable[[str], 
     if path.is_dir():
         loaded = find_latest(path, warn)
         if loaded is None:
-            raise CheckpointError(f"--resume {spec}: no whole checkpoint in that directory")
+            raise NoSuchCheckpoint(f"--resume {spec}: no whole checkpoint in that directory{_existing(path)}")
         return loaded
-    return load_tag(path.parent, path.name)
+    for base in (path, Path(checkpoint_dir) / path.name):
+        if any(Path(f"{base}{suffix}").exists() for suffix in SUFFIXES):
+            return load_tag(base.parent, base.name)
+    raise NoSuchCheckpoint(f"--resume {spec}: no such checkpoint{_existing(Path(checkpoint_dir))}")
+
+
+def _existing(directory: Path) -> str:
+    """What ``--resume`` could have named instead, for its error line."""
+    tags = [tag for _, tag in list_tags(directory)]
+    there = f"{directory} holds {', '.join(tags)}" if tags else f"no checkpoints in {directory}"
+    return f"; {there}; --resume auto takes the newest"
 
 
 def prune(directory: str | Path, keep_last_n: int, protect: set[str]) -> list[str]:

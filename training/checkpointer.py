@@ -88,12 +88,12 @@ class Checkpointer:
                     header = {"tag": loaded.tag, "step": loaded.step, "state": small, "rng": loaded.state["rng"],
                               "path": str(where / loaded.tag if where.is_dir() else where)}
             except ckpt.CheckpointError as exc:
-                header = {"error": str(exc)}
+                header = {"error": str(exc), "missing": isinstance(exc, ckpt.NoSuchCheckpoint)}
         header = self.dist.broadcast_object(header)
         if header is None:
             return None
         if "error" in header:
-            raise ckpt.CheckpointError(header["error"])
+            raise (ckpt.NoSuchCheckpoint if header["missing"] else ckpt.CheckpointError)(header["error"])
         self.dist.load_model_state(net, loaded.weights if loaded else None, self.tied, source=f"{header['path']}.safetensors")
         self.dist.load_optimizer_state(net, optimizer, loaded.state["optimizer"] if loaded else None)
         del loaded

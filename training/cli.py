@@ -1,31 +1,58 @@
 """``train CONFIG [key=value ...] [--resume PATH|auto] [--dry-run]``.
 
-With no config on an interactive terminal, a numbered menu of presets; with no terminal, a clear
-error instead of waiting for input that never comes (CI, a pod's boot script).
+With no config, a numbered menu of presets on rank 0 (a terminal, or one line piped on stdin);
+with neither, a clear error instead of waiting for input that never comes (CI, a pod's boot script).
+
+Exit codes: 0 done, 1 an error while running (a checkpoint that cannot be written), 2 bad config,
+flags or data, 3 diverged, 130/143 stopped by SIGINT/SIGTERM. An error is one line on stderr,
+printed by rank 0 only when every rank hits it (the usual case: all ranks read the same config and
+shards), so a 2-rank run does not print it twice.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+import time
 from typing import List, Optional
 
 import typer
 import yaml
 from rich.console import Console
 
-from training.checkpoint import CheckpointError
+from training.checkpoint import CheckpointError, NoSuchCheckpoint
 from training.config import CONFIG_SUFFIXES, ConfigError, TrainConfig, load_config
-from training.data import DataError
-from training.token_shards import TokenShardError
+from training.presets import PresetError
 
+EXIT_ERROR = 1
 EXIT_USAGE = 2
+RANK_ERROR_GRACE_S = 5.0  # torchrun's monitor (0.1 s interval) stops a rank this long after rank 0 failed
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
+def _launched_rank() -> int:
+    return int(os.environ.get("RANK", 0)) if "LOCAL_RANK" in os.environ else 0
+
+
 def _fail(message: str, code: int = EXIT_USAGE) -> None:
-    print(f"train: error: {message}", file=sys.stderr)
+    """One line on stderr and exit ``code``; under torchrun rank 0 speaks for all.
+
+    Another rank waits first: when rank 0 failed the same way, torchrun stops this rank during the
+    wait and the line is not repeated; an error of this rank alone is still printed, with its rank.
+    """
+    rank = _launched_rank()
+    if rank != 0:
+        time.sleep(RANK_ERROR_GRACE_S)
+        message = f"rank {rank}: {message}"
+    print(f"train: error: {message}", file=sys.stderr, flush=True)
     raise typer.Exit(code)
+
+
+def _check_wandb(cfg: TrainConfig) -> None:
+    """wandb is an optional extra: say how to get it instead of failing at the first log line."""
+    if cfg.use_wandb and importlib.util.find_spec("wandb") is None:
+        _fail("use_wandb: the wandb package is not installed; pip install -e '.[wandb]' (or set use_wandb=false)")
 
 
 def describe(cfg: TrainConfig) -> str:
@@ -51,19 +78,21 @@ def main_command(
         overrides.insert(0, config)
         config = None
     console = Console(highlight=False, soft_wrap=True)
-    is_main = int(os.environ.get("RANK", 0)) == 0
-    if config is None:
-        if not (sys.stdin.isatty() and sys.stdout.isatty()) or int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            _fail("no config given and no terminal to choose a preset; run `train configs/m3_medium.yaml` (or another file)")
-        from training.presets import choose_preset
-
-        config = str(choose_preset(input, print))
+    is_main = _launched_rank() == 0
+    notes: list[str] = []
     try:
-        cfg = load_config(config, overrides)
-    except ConfigError as exc:
+        if config is None:
+            from training.presets import pick_preset_for_all_ranks
+
+            config = str(pick_preset_for_all_ranks())
+        cfg = load_config(config, overrides, notes)
+    except (ConfigError, PresetError) as exc:
         _fail(str(exc))
+    _check_wandb(cfg)
     if is_main:
         console.print(f"config {config}" + (f" with {' '.join(overrides)}" if overrides else ""), markup=False)
+        for note in notes:
+            console.print(note, markup=False)
         console.print(yaml.safe_dump(cfg.to_plain(), sort_keys=False).rstrip(), markup=False)
         console.print(describe(cfg), markup=False)
     if dry_run:
@@ -72,8 +101,10 @@ def main_command(
 
     try:
         result = train(cfg, config_path=config, resume=resume, console=console)
-    except (ConfigError, DataError, TokenShardError, CheckpointError, ValueError) as exc:
-        _fail(str(exc), 1)
+    except (ValueError, NoSuchCheckpoint) as exc:  # config, data (DataError, TokenShardError), flags
+        _fail(str(exc), EXIT_USAGE)
+    except CheckpointError as exc:  # a checkpoint that cannot be written or read while running
+        _fail(str(exc), EXIT_ERROR)
     raise typer.Exit(result.exit_code)
 
 

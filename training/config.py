@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from training.aliases import ALIASES, NO_EQUIVALENT, AliasError, canonical_key, describe, rename_aliases, resolve_min_lr
+
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".toml")
 
 
@@ -133,6 +135,8 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(500, ge=1)
     eval_steps: int = Field(50, ge=1)
+    eval_only: bool = Field(False, description="Evaluate the (resumed) model once and exit without training")
+    always_save_checkpoint: bool = Field(True, description="False: periodic checkpoints only when val loss improved")
     use_wandb: bool = False
     wandb_project: str = "light-llm"
     wandb_run_name: str | None = None
@@ -157,6 +161,8 @@ class TrainConfig(_Strict):
     def _lengths(self) -> "TrainConfig":
         if self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        if self.eval_only and not self.val_data:
+            raise ValueError("eval_only: needs val_data (the shards to evaluate on)")
         return self
 
     @property
@@ -207,52 +213,95 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides to a raw config dict; values are parsed as YAML scalars."""
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (canonical dotted paths, value parsed as a YAML scalar)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key=value (for example optimizer.lr=1e-3)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    paths, value = canonical_key(key, value)
+    return list(paths), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], notes: list[str] | None = None) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a raw config dict; values are parsed as YAML scalars.
+
+    An alias (``learning_rate=1e-3``) sets its canonical key, so it overrides the file's value.
+    """
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value (for example optimizer.lr=1e-3)")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-            node = child
-        try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            node[parts[-1]] = raw
+        paths, value = _parse_override(item)
+        key = item.partition("=")[0].strip()
+        if notes is not None and key in ALIASES:
+            notes.append(describe(key, value))
+        for path in paths:
+            node = data
+            parts = path.split(".")
+            for part in parts[:-1]:
+                child = node.setdefault(part, {})
+                if not isinstance(child, dict):
+                    raise ConfigError(f"override {item!r}: {part} is not a section")
+                node = child
+            node[parts[-1]] = value
     return data
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """Render pydantic errors as one line: ``source: key.path: message; ...``."""
-    parts = []
+def format_validation_error(exc: ValidationError, source: str, overrides: list[str] | None = None) -> str:
+    """Render pydantic errors as one line: ``source: key.path: message; ...``.
+
+    An error under a key set on the command line names that override, not the file.
+    """
+    by_path = {path: item for item in overrides or [] for path in _parse_override(item)[0]}
+    parts: list[tuple[str, str]] = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + (f" (no podtrain equivalent: {NO_EQUIVALENT[loc]})" if loc in NO_EQUIVALENT else "")
         elif "input" in err and not isinstance(err["input"], (dict, list)) and err["type"] != "missing":
             msg = f"{msg} (got {err['input']!r})"
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return f"{source}: " + "; ".join(parts)
+        origin = next((f"command line override {item}" for path, item in by_path.items()
+                       if loc == path or loc.startswith(path + ".")), source)
+        parts.append((origin, f"{loc}: {msg}" if loc else msg))
+    if len({origin for origin, _ in parts}) == 1:
+        return f"{parts[0][0]}: " + "; ".join(text for _, text in parts)
+    return "; ".join(f"{origin}: {text}" for origin, text in parts)
 
 
-def validate_config(data: dict[str, Any], source: str = "<config>") -> TrainConfig:
+def validate_config(data: dict[str, Any], source: str = "<config>", overrides: list[str] | None = None,
+                    notes: list[str] | None = None) -> TrainConfig:
+    """Rename aliases in ``data``, apply ``overrides``, validate; ``notes`` collects alias moves."""
+    notes = notes if notes is not None else []
+    try:
+        data = rename_aliases(data, source, notes)
+        data = apply_overrides(data, overrides or [], notes)
+        data = resolve_min_lr(data, OptimizerConfig.model_fields["lr"].default, notes)
+    except AliasError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
+        raise ConfigError(format_validation_error(exc, source, overrides)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Read ``path``, apply ``overrides``, validate. Relative data paths stay as written."""
-    data = apply_overrides(read_config_file(path), overrides or [])
-    return validate_config(data, str(path))
+def load_config(path: str | Path, overrides: list[str] | None = None, notes: list[str] | None = None) -> TrainConfig:
+    """Read ``path``, apply ``overrides``, validate. Relative data paths stay as written.
+
+    A JSON preset of seed 000's shape is translated first (``training.presets.from_seed000``).
+    """
+    from training.presets import PresetError, from_seed000, is_seed000
+
+    notes = notes if notes is not None else []
+    data = read_config_file(path)
+    if is_seed000(data):
+        try:
+            data = from_seed000(data, str(path), notes)
+        except PresetError as exc:
+            raise ConfigError(str(exc)) from None
+    return validate_config(data, str(path), overrides, notes)
 
 
 def dump_config(config: TrainConfig, path: str | Path) -> None:

@@ -31,7 +31,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from training.token_shards import TOKEN_SUFFIXES, open_tokens, read_header
+from training.token_shards import TOKEN_SUFFIXES, check_token_ids, open_tokens, read_header
 
 
 class DataError(ValueError):
@@ -89,6 +89,7 @@ class TokenStream:
         self.state = StreamState()
         self._orders: dict[int, np.ndarray] = {}
         self._windows: dict[tuple[int, int, int], np.ndarray] = {}
+        self._checked: set[int] = set()
 
     def order(self, epoch: int) -> np.ndarray:
         """The order in which ``epoch`` visits the shards."""
@@ -125,6 +126,9 @@ class TokenStream:
                 if st.index == len(self.paths):
                     st.epoch, st.index = st.epoch + 1, 0
                 continue
+            if shard not in self._checked:  # once per shard: an id past the embedding is a traceback (CPU) or a device assert (CUDA)
+                check_token_ids(self.paths[shard], self.vocab_size, label="model.vocab_size")
+                self._checked.add(shard)
             tokens = open_tokens(self.paths[shard])
             out[filled : filled + len(starts)] = tokens[starts[:, None] + np.arange(seq_len + 1)]
             del tokens

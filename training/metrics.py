@@ -1,4 +1,4 @@
-"""Throughput, MFU and the run log (console, TensorBoard, optional Weights & Biases).
+"""Throughput, MFU, system telemetry and the run log (console, TensorBoard, optional Weights & Biases).
 
 MFU is model FLOPs per second over the device's dense bf16 peak, from a table of known GPUs;
 on an unknown device (a CPU, a new card) MFU is not shown rather than guessed.
@@ -6,10 +6,12 @@ on an unknown device (a CPU, a new card) MFU is not shown rather than guessed.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from rich.console import Console
 
@@ -77,6 +79,28 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak: float | None, wo
     if not peak:
         return None
     return tokens_per_second * flops_per_token / (peak * world_size)
+
+
+@functools.cache
+def _this_process() -> psutil.Process:
+    """One Process object per run: its ``cpu_percent`` measures the time since the previous call."""
+    return psutil.Process()
+
+
+def system_telemetry(device: torch.device) -> dict[str, float]:
+    """CPU % of this process since the last call, its RSS, system RAM in use and, on CUDA, the
+    caching allocator's allocated and reserved bytes: what tells a data-loader stall, a host
+    memory leak or fragmentation apart from a slow step (seed 004's telemetry)."""
+    proc = _this_process()
+    values = {
+        "cpu_percent": proc.cpu_percent(interval=None),
+        "rss_gb": proc.memory_info().rss / 1e9,
+        "ram_used_gb": psutil.virtual_memory().used / 1e9,
+    }
+    if device.type == "cuda":
+        values["gpu_mem_allocated_gb"] = torch.cuda.memory_allocated(device) / 1e9
+        values["gpu_mem_reserved_gb"] = torch.cuda.memory_reserved(device) / 1e9
+    return values
 
 
 class RunLog:

@@ -32,7 +32,7 @@ from training.checkpointer import Checkpointer
 from training.config import TrainConfig
 from training.data import BatchLoader, Prefetcher, TokenStream, iter_eval_batches, resolve_shards
 from training.distributed import Dist, setup
-from training.metrics import RunLog, compile_report, device_peak_flops, mfu, trim_metrics
+from training.metrics import RunLog, compile_report, device_peak_flops, mfu, system_telemetry, trim_metrics
 from training.model import build_meta_model, count_parameters, flops_per_token
 from training.optim import build_optimizer, build_scheduler
 from training.parallelize import build_model
@@ -174,6 +174,16 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
             with open(metrics_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"step": step, **values}) + "\n")
 
+    if cfg.eval_only:  # seed 001: one evaluation of the (resumed) weights, nothing trained or saved
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        val = evaluate(net, val_stream, cfg, dist, precision)
+        log.info(f"step {step} | val loss {val:.4f} (eval_only)")
+        record({"val_loss": val})
+        log.close()
+        dist.shutdown()
+        return TrainResult(EXIT_OK, step, tokens_seen, time.monotonic() - start_time, val_losses={step: val},
+                           best_val_loss=min(best_val, val), checkpoint_dir=str(ckpt_dir))
+
     stop = StopFlag()
     stop.install()
     agreement = MicroStepAgreement(dist, stop)
@@ -251,7 +261,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                          f"{tps:,.0f} tok/s" + (f" | mfu {util:.1%}" if util is not None else "") +
                          f" | mem {_peak_memory_gb(dist.device):.2f}GB | {1000 * elapsed / max(1, window_tokens // tokens_per_step):.0f}ms/step | eta {_fmt_duration(eta)}")
                 record({"loss": loss_v, "lr": lr, "grad_norm": float(norm), "tokens_per_s": tps, "mfu": util,
-                        "peak_mem_gb": _peak_memory_gb(dist.device), "tokens_seen": tokens_seen})
+                        "peak_mem_gb": _peak_memory_gb(dist.device), "tokens_seen": tokens_seen, **system_telemetry(dist.device)})
                 result.losses[step] = loss_v
                 window_start, window_tokens, window_excluded = time.perf_counter(), 0, 0.0
             timed = cfg.save_every_minutes is not None and time.monotonic() - checkpoints.last_save > 60 * cfg.save_every_minutes
@@ -260,7 +270,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                 result.exit_code = _stop(stop, dist, checkpoints, cfg, log, step, lambda: save([ckpt.step_tag(step)], True))
                 break
             due: list[str] = []  # tags due at this step: written once, the others linked to it
-            if finite and step < cfg.num_steps and (step % cfg.save_every == 0 or timed):
+            if finite and step < cfg.num_steps and cfg.always_save_checkpoint and (step % cfg.save_every == 0 or timed):
                 due.append(ckpt.step_tag(step))
             if finite and val_stream is not None and (step % cfg.eval_every == 0 or step == cfg.num_steps):
                 t_eval = time.perf_counter()

@@ -52,6 +52,31 @@ def test_top1_routes_each_token_to_its_argmax_expert_scaled_by_its_probability()
     assert (layer(x) - expected).abs().max() < 1e-5
 
 
+def test_grouped_matmul_path_equals_the_loop_over_experts() -> None:
+    """The CUDA path (one ``torch._grouped_mm`` per projection) checked where it also runs: bf16 on the CPU."""
+    torch.manual_seed(0)
+    layer = moe.MoE(small()).to(torch.bfloat16)
+    xs = torch.randn(40, 32, dtype=torch.bfloat16)
+    counts = torch.tensor([10, 0, 25, 5])  # an idle expert too
+    grads = []
+    for run in (lambda: layer._grouped_experts(xs, counts),
+                lambda: torch.cat([e(c) for e, c in zip(layer.experts, xs.split(counts.tolist()))])):
+        layer.zero_grad()
+        out = run()
+        out.float().square().sum().backward()
+        grads.append((out, [p.grad.clone() for p in layer.experts.parameters()]))
+    (a, ga), (b, gb) = grads
+    assert torch.allclose(a.float(), b.float(), atol=1e-2)
+    assert all(torch.allclose(x.float(), y.float(), atol=1e-2, rtol=1e-2) for x, y in zip(ga, gb))
+
+
+def test_meta_device_forward_for_the_memory_plan() -> None:
+    model = build_meta_model(small(shared_expert=True))
+    idx = torch.zeros((2, 16), dtype=torch.long, device="meta")
+    logits, loss = model(idx, idx)
+    assert logits.shape == (2, 16, 61) and loss.is_meta
+
+
 @pytest.mark.parametrize("extra", [{}, {"shared_expert": True}, {"top_k": 1}])
 def test_moe_model_trains_and_every_expert_gets_a_gradient(extra) -> None:
     torch.manual_seed(0)
@@ -166,8 +191,9 @@ def test_nano_shaped_moe_learns_with_balanced_experts_over_200_steps(byte_corpus
     last = [row for row in metrics(tmp_path) if "loss" in row][-1]
     assert last["step"] == 200
     loads = [last[f"moe_load_{e}"] for e in range(5)]
-    assert max(loads) / (sum(loads) / 5) == pytest.approx(last["moe_load_max_over_mean"])
-    assert last["moe_load_max_over_mean"] < 2.0, loads  # the balancing loss at work (over steps 151-200)
+    assert sum(loads) == pytest.approx(1.0) and last["moe_load_max_over_mean"] >= max(loads) * 5 - 1e-6
+    # busiest expert of the worst layer over steps 151-200; measured 1.31, and 2.50 with load_balance_coef: 0
+    assert last["moe_load_max_over_mean"] < 2.0, loads
     assert last["moe_balance_loss"] < 1.2
 
 
@@ -217,11 +243,12 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_rank_moe_runs_finish_with_frozen_and_idle_experts(byte_corpus, tmp_path, strategy) -> None:
+@pytest.mark.parametrize("strategy, active", [("ddp", None), ("ddp", 2), ("fsdp", 2)])
+def test_two_rank_moe_runs_finish_with_frozen_and_idle_experts(byte_corpus, tmp_path, strategy, active) -> None:
     experts = tmp_path / "experts"
-    cfg = nano_shaped(byte_corpus, tmp_path, batch_size=4, num_steps=4, save_every=2, eval_every=2, log_every=2,
-                      active_expert=2, expert_checkpoint_dir=str(experts))
+    cfg = nano_shaped(byte_corpus, tmp_path, batch_size=4, num_steps=4, save_every=2, eval_every=2, log_every=2)
+    if active is not None:
+        cfg.update(active_expert=active, expert_checkpoint_dir=str(experts))
     cfg["distributed"] = {"strategy": strategy, "timeout_s": 60}
     cfg["model"]["ffn"]["top_k"] = 1  # most experts see few or no tokens on a rank
     path = tmp_path / "run.yaml"
@@ -235,8 +262,22 @@ def test_two_rank_moe_runs_finish_with_frozen_and_idle_experts(byte_corpus, tmp_
     final = load_file(tmp_path / "ckpt" / "final.safetensors")
     init = initial_weights(cfg)
     for key, value in expert_tensors(final, 0).items():
-        assert torch.equal(value, init[key]), key
-    assert (experts / "expert_2.safetensors").is_file()
+        assert torch.equal(value, init[key]) == (active is not None), key
+    assert (experts / "expert_2.safetensors").is_file() == (active is not None)
     resumed = subprocess.run([*TORCHRUN, str(path), "num_steps=6", "--resume", "auto"], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0 and "at step 4" in resumed.stdout, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile_model", [False, True])
+def test_cuda_bf16_grouped_matmul_training(byte_corpus, tmp_path, compile_model) -> None:
+    """On CUDA in bf16 the experts run as grouped matmuls; eager and compiled runs learn alike."""
+    cfg = nano_shaped(byte_corpus, tmp_path, num_steps=40, eval_every=20, device="cuda", dtype="bfloat16",
+                      compile_model=compile_model)
+    cfg["model"]["ffn"]["expert_hidden_size"] = 256  # multiples of 8: _grouped_mm's 16-byte strides
+    result = train(validate_config(cfg))
+    assert result.exit_code == 0 and result.val_losses[40] < result.val_losses[20] < result.val_losses[0]
+    assert moe.MoE(validate_config(cfg).model).grouped
+    assert [r for r in metrics(tmp_path) if "loss" in r][-1]["moe_load_max_over_mean"] < 2.0

@@ -64,7 +64,7 @@ class MoE(nn.Module):
         if self.top_k > 1:  # Mixtral renormalises; with top-1 the raw probability keeps the router in the gradient
             weights = weights / weights.sum(dim=-1, keepdim=True)
         flat = chosen.flatten()
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        counts = torch.zeros(self.num_experts, dtype=flat.dtype, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
         order = flat.argsort(stable=True)
         token = order // self.top_k
         ys = self._run_experts(x[token], counts)
@@ -121,21 +121,24 @@ def aux_loss(model: nn.Module) -> torch.Tensor | None:
 
 
 def collect_stats(model: nn.Module) -> dict[str, float]:
-    """Router statistics since the last call, averaged over MoE layers and forwards on this rank; resets them.
+    """Router statistics since the last call on this rank, then reset; empty for a dense model.
 
-    ``moe_balance_loss`` is 1.0 at a uniform load; ``moe_load_<e>`` is the share of routed slots of
-    expert ``e``; ``moe_load_max_over_mean`` is the busiest expert's load over the mean (1.0 = even).
-    Empty for a dense model. Costs one device sync, so call it at log steps only.
+    ``moe_balance_loss`` (1.0 at a uniform load) and ``moe_z_loss`` are means over layers and
+    forwards; ``moe_load_<e>`` is expert ``e``'s share of the routed slots over all layers;
+    ``moe_load_max_over_mean`` is the busiest expert's load over the mean in the worst layer
+    (1.0 = even). Costs one device sync, so call it at log steps only.
     """
-    stats = [m._stats for m in moe_layers(model) if m._stats is not None]
-    for m in moe_layers(model):
+    layers = moe_layers(model)
+    stats = [m._stats for m in layers if m._stats is not None]
+    for m in layers:
         m._stats = None
     if not stats:
         return {}
-    slots, balance, z, calls = (torch.stack([s[i] for s in stats]).sum(0) for i in range(4))
-    share = (slots / slots.sum()).tolist()
-    out = {"moe_balance_loss": float(balance / calls), "moe_z_loss": float(z / calls),
-           "moe_load_max_over_mean": max(share) * len(share)}
+    slots = torch.stack([s[0] for s in stats])  # (layers, experts)
+    balance, z, calls = (torch.stack([s[i] for s in stats]).sum() for i in (1, 2, 3))
+    worst = (slots.max(dim=1).values / slots.mean(dim=1)).max()
+    share = (slots.sum(0) / slots.sum()).tolist()
+    out = {"moe_balance_loss": float(balance / calls), "moe_z_loss": float(z / calls), "moe_load_max_over_mean": float(worst)}
     out.update({f"moe_load_{e}": v for e, v in enumerate(share)})
     return out
 

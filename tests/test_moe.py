@@ -197,6 +197,21 @@ def test_nano_shaped_moe_learns_with_balanced_experts_over_200_steps(byte_corpus
     assert last["moe_balance_loss"] < 1.2
 
 
+@pytest.mark.slow
+def test_compiled_moe_model_matches_eager() -> None:
+    """torch.compile traces the data-dependent routing (graph breaks at the per-expert split) and keeps the aux loss."""
+    torch.manual_seed(0)
+    model = Transformer(small())
+    idx = torch.randint(0, 61, (2, 16))
+    eager = model(idx, idx)[1]
+    moe.collect_stats(model)
+    compiled = torch.compile(model)(idx, idx)[1]
+    compiled.backward()
+    assert abs(compiled.item() - eager.item()) < 1e-5
+    assert moe.collect_stats(model)["moe_z_loss"] > 0
+    assert model.layers[0].mlp.router.weight.grad is not None
+
+
 def expert_tensors(weights: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
     return {k: v for k, v in weights.items() if moe.expert_index(k) == index}
 

@@ -282,6 +282,13 @@ def test_two_rank_moe_runs_finish_with_frozen_and_idle_experts(byte_corpus, tmp_
     resumed = subprocess.run([*TORCHRUN, str(path), "num_steps=6", "--resume", "auto"], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0 and "at step 4" in resumed.stdout, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    if active is not None:  # the next expert run starts from the saved files on both ranks
+        nxt = subprocess.run([*TORCHRUN, str(path), "active_expert=3", f"checkpoint_dir={tmp_path / 'next'}"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=240)
+        assert nxt.returncode == 0 and "loaded shared.safetensors, expert_2.safetensors" in nxt.stdout, nxt.stderr[-3000:]
+        saved = load_file(experts / "expert_2.safetensors")
+        final = load_file(tmp_path / "next" / "final.safetensors")
+        assert all(torch.equal(final[k], v) for k, v in saved.items())
 
 
 @pytest.mark.gpu

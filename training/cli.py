@@ -58,11 +58,14 @@ def _check_wandb(cfg: TrainConfig) -> None:
 def describe(cfg: TrainConfig) -> str:
     """Parameter count, FLOPs per token and a memory floor, from a model on the meta device."""
     from training.model import build_meta_model, count_parameters, flops_per_token
+    from training.moe import inactive_parameters
 
     n = count_parameters(build_meta_model(cfg.model))
     fpt = flops_per_token(cfg.model, cfg.seq_len, n)
     states_gb = n * 16 / 1e9  # fp32 weights + grads + two AdamW moments
-    return (f"parameters: {n:,} ({n / 1e9:.3f}B) | {fpt / 1e9:.2f} GFLOP/token | "
+    active = n - inactive_parameters(cfg.model)
+    return (f"parameters: {n:,} ({n / 1e9:.3f}B)" + (f", active per token: {active:,}" if active != n else "") +
+            f" | {fpt / 1e9:.2f} GFLOP/token | "
             f"weights+grads+AdamW states: {states_gb:.1f} GB before activations")
 
 

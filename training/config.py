@@ -41,8 +41,22 @@ class PositionalConfig(_Strict):
 
 
 class FFNConfig(_Strict):
-    type: Literal["swiglu", "gelu"] = "swiglu"
+    """The feed-forward of every block: a dense MLP, or a mixture of SwiGLU experts (``type: moe``, see training/moe.py)."""
+
+    type: Literal["swiglu", "gelu", "moe"] = "swiglu"
     hidden_size: int | None = Field(None, ge=1, description="None = 4*d_model (gelu) or 8/3*d_model rounded (swiglu)")
+    num_experts: int = Field(8, ge=1, description="moe: experts per layer")
+    top_k: int = Field(2, ge=1, description="moe: experts each token is sent to")
+    expert_hidden_size: int | None = Field(None, ge=1, description="moe: SwiGLU width of one expert; None = hidden_size rule")
+    shared_expert: bool = Field(False, description="moe: one more expert every token goes through (DeepSeek-style)")
+    load_balance_coef: float = Field(0.01, ge=0, description="moe: weight of the Switch/Mixtral load-balancing loss")
+    z_loss_coef: float = Field(0.001, ge=0, description="moe: weight of the router z-loss (ST-MoE)")
+
+    @model_validator(mode="after")
+    def _routing(self) -> "FFNConfig":
+        if self.type == "moe" and self.top_k > self.num_experts:
+            raise ValueError(f"ffn.top_k ({self.top_k}) exceeds ffn.num_experts ({self.num_experts})")
+        return self
 
 
 class NormConfig(_Strict):
@@ -75,6 +89,8 @@ class ModelConfig(_Strict):
 
     @property
     def ffn_hidden(self) -> int:
+        if self.ffn.type == "moe" and self.ffn.expert_hidden_size:
+            return self.ffn.expert_hidden_size
         if self.ffn.hidden_size:
             return self.ffn.hidden_size
         if self.ffn.type == "gelu":
@@ -91,6 +107,18 @@ class ModelConfig(_Strict):
         if self.positional.type == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head dimension, got d_model/n_heads = {self.head_dim}")
         return self
+
+    @classmethod
+    def from_preset(cls, name: str) -> "ModelConfig":
+        """The ``model`` section of ``configs/<name>.yaml`` (seed 004: ``ModelConfig.from_preset("mac_mini")``)."""
+        from training.presets import find_preset
+
+        path = find_preset(name)
+        model = read_config_file(path).get("model", {})
+        try:
+            return cls.model_validate(model)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, f"{path}: model")) from None
 
 
 class OptimizerConfig(_Strict):
@@ -152,6 +180,8 @@ class TrainConfig(_Strict):
     tensorboard_dir: str | None = None
     max_bad_steps: int = Field(5, ge=1, description="Consecutive non-finite steps that stop the run")
     preemption_grace_s: float = Field(25.0, gt=0, description="Seconds between SIGTERM and SIGKILL we may use")
+    active_expert: int | None = Field(None, ge=0, description="Sequential expert run: train only this expert of each MoE layer")
+    expert_checkpoint_dir: str | None = Field(None, description="Where sequential expert runs read and write expert_<i>.safetensors")
     model: ModelConfig = Field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
@@ -163,6 +193,13 @@ class TrainConfig(_Strict):
             raise ValueError(f"seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         if self.eval_only and not self.val_data:
             raise ValueError("eval_only: needs val_data (the shards to evaluate on)")
+        if self.active_expert is not None:
+            if self.model.ffn.type != "moe":
+                raise ValueError(f"active_expert needs model.ffn.type: moe (got {self.model.ffn.type})")
+            if self.active_expert >= self.model.ffn.num_experts:
+                raise ValueError(f"active_expert ({self.active_expert}) must be below model.ffn.num_experts ({self.model.ffn.num_experts})")
+            if not self.expert_checkpoint_dir:
+                raise ValueError("active_expert needs expert_checkpoint_dir (where expert_<i>.safetensors are kept)")
         return self
 
     @property

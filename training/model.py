@@ -68,7 +68,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         hidden = cfg.ffn_hidden
-        self.swiglu = cfg.ffn.type == "swiglu"
+        self.swiglu = cfg.ffn.type in ("swiglu", "moe")  # MoE experts are SwiGLU MLPs of width expert_hidden_size
         if self.swiglu:
             self.gate_proj = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
         self.up_proj = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
@@ -91,7 +91,12 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         if not self.parallel:
             self.post_attention_layernorm = _norm(cfg)
-        self.mlp = MLP(cfg)
+        if cfg.ffn.type == "moe":
+            from training.moe import MoE  # moe builds on MLP: imported here, not at the top, to avoid a cycle
+
+            self.mlp: nn.Module = MoE(cfg)
+        else:
+            self.mlp = MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -181,7 +186,12 @@ class Transformer(nn.Module):
         x = self.dropout(x)
         for block in self.layers:
             x = block(x, rope)
-        return self.output(x, targets)
+        logits, loss = self.output(x, targets)
+        if loss is not None and self.training and self.cfg.ffn.type == "moe":
+            from training.moe import aux_loss
+
+            loss = loss + aux_loss(self)  # router load-balancing and z-loss: trained, not evaluated
+        return logits, loss
 
     def output(self, x: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Final norm, head and loss: a method of its own so it is compiled apart from the blocks."""
@@ -231,9 +241,12 @@ def count_parameters(model: nn.Module) -> int:
 def flops_per_token(cfg: ModelConfig, seq_len: int, num_params: int) -> float:
     """Training FLOPs per token: 6N for the matmuls plus 12·L·d·T for attention scores (PaLM appendix B).
 
-    N excludes embedding lookups that do no matmul: learned positions, and the input table when untied.
+    N excludes embedding lookups that do no matmul: learned positions, and the input table when untied;
+    and for a mixture of experts the experts a token is not routed to (N is the active parameters).
     """
-    n = num_params
+    from training.moe import inactive_parameters
+
+    n = num_params - inactive_parameters(cfg)
     if cfg.positional.type == "learned":
         n -= cfg.max_seq_len * cfg.d_model
     if not cfg.tie_embeddings:

@@ -20,6 +20,7 @@ from torch import nn
 
 from training.distributed import Dist
 from training.model import Transformer, build_meta_model
+from training.moe import freeze_inactive_experts
 from training.config import TrainConfig
 
 
@@ -54,8 +55,10 @@ def build_model(cfg: TrainConfig, dist: Dist, param_dtype: torch.dtype | None) -
         if cfg.model.tie_embeddings and model.lm_head.weight is not model.embed_tokens.weight:
             raise RuntimeError("FSDP lost the tie between lm_head and embed_tokens during to_empty")
         model.init_weights(cfg.seed)
+        freeze_inactive_experts(model, cfg.active_expert)
         return model, model
     model.to_empty(device=dist.device)
     model.tie_weights()
     model.init_weights(cfg.seed)
+    freeze_inactive_experts(model, cfg.active_expert)  # before DDP registers the parameters that need gradients
     return model, dist.replicate(model)

@@ -62,6 +62,15 @@ def list_presets() -> list[tuple[Path, str]]:
     return list(found.values())
 
 
+def find_preset(name: str) -> Path:
+    """``configs/<name>.yaml`` from the preset directories; an unknown name lists the known ones."""
+    presets = list_presets()
+    for path, _ in presets:
+        if path.stem == name:
+            return path
+    raise FileNotFoundError(f"no preset {name!r}; known: {', '.join(p.stem for p, _ in presets)}")
+
+
 def choose_preset(ask: Callable[[str], str], show: Callable[[str], None]) -> Path:
     """Show a numbered menu and return the chosen preset path; re-asks on a bad answer."""
     presets = list_presets()

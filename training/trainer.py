@@ -34,6 +34,7 @@ from training.data import BatchLoader, Prefetcher, TokenStream, iter_eval_batche
 from training.distributed import Dist, setup
 from training.metrics import RunLog, compile_report, device_peak_flops, mfu, system_telemetry, trim_metrics
 from training.model import build_meta_model, count_parameters, flops_per_token
+from training import moe
 from training.optim import build_optimizer, build_scheduler
 from training.parallelize import build_model
 from training.precision import Precision, resolve_precision
@@ -157,13 +158,15 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
         if resume == "auto":
             log.info(f"no checkpoint in {ckpt_dir}: starting fresh")
         torch.manual_seed(cfg.seed + dist.rank)  # per-rank dropout streams; init above was identical
+        if cfg.active_expert is not None:
+            moe.load_expert_run_start(net, cfg, dist, log.info)
         if dist.is_main:
             ckpt.copy_original_config(config_path, ckpt_dir)
 
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.gradient_accumulation_steps * dist.world_size
     fpt = flops_per_token(cfg.model, cfg.seq_len, num_params)
     peak = device_peak_flops(dist.device)
-    log.info(f"model: {num_params / 1e6:.2f}M parameters | device {dist.device} x{dist.world_size} ({dist.strategy}) | {precision.reason}")
+    log.info(f"model: {moe.describe_parameters(cfg.model, num_params)} | device {dist.device} x{dist.world_size} ({dist.strategy}) | {precision.reason}")
     log.info(f"global batch: {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation x {dist.world_size} ranks "
              f"= {cfg.batch_size * cfg.gradient_accumulation_steps * dist.world_size} sequences = {tokens_per_step:,} tokens/step")
     metrics_path = ckpt_dir / "metrics.jsonl"
@@ -261,7 +264,8 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                          f"{tps:,.0f} tok/s" + (f" | mfu {util:.1%}" if util is not None else "") +
                          f" | mem {_peak_memory_gb(dist.device):.2f}GB | {1000 * elapsed / max(1, window_tokens // tokens_per_step):.0f}ms/step | eta {_fmt_duration(eta)}")
                 record({"loss": loss_v, "lr": lr, "grad_norm": float(norm), "tokens_per_s": tps, "mfu": util,
-                        "peak_mem_gb": _peak_memory_gb(dist.device), "tokens_seen": tokens_seen, **system_telemetry(dist.device)})
+                        "peak_mem_gb": _peak_memory_gb(dist.device), "tokens_seen": tokens_seen, **system_telemetry(dist.device),
+                        **moe.collect_stats(model)})
                 result.losses[step] = loss_v
                 window_start, window_tokens, window_excluded = time.perf_counter(), 0, 0.0
             timed = cfg.save_every_minutes is not None and time.monotonic() - checkpoints.last_save > 60 * cfg.save_every_minutes
@@ -284,6 +288,8 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                     due.append("best")
             if step == cfg.num_steps:
                 save(["final", *due], block=True)
+                if cfg.active_expert is not None:
+                    moe.finish_expert_run(net, cfg, dist, log.info)
             elif due:
                 window_excluded += save(due)
         checkpoints.wait()

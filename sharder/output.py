@@ -86,6 +86,7 @@ class ShardFile:
         self.lines = 0
         self.text_bytes = 0
         self.bytes = 0
+        self.sources: dict[str, list[int]] | None = None  # recipe runs, counted as rows are queued
         self._sha = hashlib.sha256()
         self._stack = contextlib.ExitStack()
         tmp = self._stack.enter_context(atomic_path(path))
@@ -101,7 +102,7 @@ class ShardFile:
     def commit(self) -> ShardEntry:
         """Flush, fsync and rename into place; returns the manifest entry."""
         self._stack.close()
-        return ShardEntry(self.path.name, self.lines, self.bytes, self._sha.hexdigest(), self.text_bytes)
+        return ShardEntry(self.path.name, self.lines, self.bytes, self._sha.hexdigest(), self.text_bytes, self.sources)
 
     def discard(self) -> None:
         """Remove the temporary file; the shard never becomes visible. Harmless after commit."""
@@ -149,6 +150,7 @@ class OutputDir:
         gzip: bool,
         overwrite: bool,
         background: Background,
+        labels: list[str] | None = None,
     ) -> None:
         self.directory = directory
         self.split = split
@@ -158,6 +160,7 @@ class OutputDir:
         self.lines_per_shard = lines_per_shard
         self.gzip = gzip
         self.overwrite = overwrite
+        self.labels = labels  # a recipe's source names, indexed by Batch.sources
         self.manifest: Manifest | None = None
         self.notes: list[str] = []
         self.new_documents = 0
@@ -290,6 +293,8 @@ class OutputDir:
                 self._unfinished.append(self._shard)
                 self._next_index += 1
             part = rows[done : done + self.lines_per_shard - self._open_lines]
+            if self.labels is not None and batch.sources is not None:
+                self._count_sources(self._shard, batch, part)
             if len(part) < GATHER_ROWS:  # a few rows (val in split mode): copied aside, written together
                 self._gathered.append(copy_rows(batch.texts, part))  # not a view: the batch can go
                 self._gathered_rows += len(part)
@@ -303,6 +308,23 @@ class OutputDir:
             done += len(part)
             if self._open_lines >= self.lines_per_shard:
                 self._close_shard(batch.position_after(int(part[-1])))
+
+    def _count_sources(self, shard: ShardFile, batch: Batch, rows: np.ndarray) -> None:
+        """Add each source's documents and bytes among ``rows`` to ``shard`` (on the reader thread,
+        before the shard's commit is queued, so the commit thread sees the final counts)."""
+        import pyarrow.compute as pc
+
+        sizes = np.concatenate([
+            pc.binary_length(chunk).to_numpy(zero_copy_only=False)[local]
+            for chunk, local in rows_by_chunk(batch.texts.chunks, rows)
+        ]) if len(rows) else np.zeros(0, dtype=np.int64)
+        which = batch.sources[rows]
+        counts = shard.sources if shard.sources is not None else {}
+        for index in np.unique(which):
+            entry = counts.setdefault(self.labels[int(index)], [0, 0])
+            entry[0] += int(np.count_nonzero(which == index))
+            entry[1] += int(sizes[which == index].sum())
+        shard.sources = counts
 
     def _queue_part(self, texts: "pa.ChunkedArray", rows: np.ndarray | None) -> None:
         """Encode ``rows`` of ``texts`` (all when None) on an encoder thread, then append them to

@@ -14,7 +14,8 @@ from typing import Iterator
 
 from sharder.errors import ShardError
 
-_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+_SENTENCE_ENDS = (".", "!", "?", ":", '."', '!"', '?"')
 
 
 def pdf_files(path: str) -> list[str]:
@@ -31,9 +32,17 @@ def pdf_files(path: str) -> list[str]:
 
 
 def _paragraphs(text: str) -> list[str]:
+    """Blank-line separated paragraphs; without blank lines (pypdf's usual output) a paragraph ends
+    at a line that ends a sentence."""
     parts = _PARAGRAPH_BREAK.split(text)
-    if len(parts) == 1:  # pypdf often gives single line breaks only
-        parts = text.split("\n")
+    if len(parts) == 1:
+        parts, lines = [], []
+        for line in text.split("\n"):
+            lines.append(line.strip())
+            if line.rstrip().endswith(_SENTENCE_ENDS):
+                parts.append("\n".join(lines))
+                lines = []
+        parts.append("\n".join(lines))
     return [p.strip() for p in parts if p.strip()]
 
 

@@ -87,7 +87,8 @@ class DedupConfig(_Strict):
 class PerplexityConfig(_Strict):
     """Score each document with a reference model; drop by ``max_perplexity`` or ``drop_percentile``."""
 
-    checkpoint: str | None = None  # a podtrain checkpoint file (<tag>.safetensors)
+    checkpoint: str | None = None  # a podtrain checkpoint directory (holding <tag>.safetensors)
+    tag: str = "final"
     tokenizer: str | None = None  # tokenizer.json for the checkpoint
     kenlm_model: str | None = None  # a KenLM .arpa/.bin, used when given
     max_perplexity: float | None = Field(None, gt=0)

@@ -88,3 +88,50 @@ def test_exact_dedup_alone_removes_normalised_copies_only(tmp_path):
     source = shard_dir(tmp_path, texts, lines_per_shard=2)
     run_curate(source, tmp_path / "out", CurateConfig(dedup={"minhash": False}), Console(file=io.StringIO()))
     assert curated(tmp_path / "out") == ["The cat sat.", "A dog ran far away.", "The cat sat on the mat."]
+
+
+def _curate_cli(source: Path, out: Path, recipe: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sharder.curate", str(source), str(out), "--data", str(recipe)],
+                            cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+def test_sigkill_during_dedup_then_rerun_is_byte_identical(tmp_path):
+    import yaml
+
+    source = shard_dir(tmp_path, [t for _, t in planted_corpus(distinct=600, near=200, exact=60)])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"sources": ["fineweb"], "curate": {"dedup": TUNED}}}))
+    reference = tmp_path / "reference"
+    done = _curate_cli(source, reference, recipe)
+    assert done.wait() == 0, done.stderr.read()
+    out = tmp_path / "killed"
+    proc = _curate_cli(source, out, recipe)
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".curate/dedup-*/logs/mh_buckets/completions/*")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    rerun = _curate_cli(source, out, recipe)
+    assert rerun.wait() == 0, rerun.stderr.read()
+    ref, got = load_manifest(reference), load_manifest(out)
+    assert [(s.name, s.sha256) for s in got.shards] == [(s.name, s.sha256) for s in ref.shards]
+    assert got.total_lines < load_manifest(source).total_lines
+
+
+def test_named_quality_filters_drop_what_datatrove_drops(tmp_path):
+    prose = ("The committee met on Tuesday to discuss the budget for the coming year. Members agreed that "
+             "the proposal should be revised before the next meeting, and the chair thanked everyone for "
+             "their careful work on the draft. ") * 3
+    junk = "$$$ ### @@@ !!! ??? " * 20
+    short = "too short to be a page"
+    source = shard_dir(tmp_path, [prose, junk, short, prose + " Again."], lines_per_shard=2)
+    summary = run_curate(source, tmp_path / "out", CurateConfig(quality={"gopher_quality": {}}),
+                         Console(file=io.StringIO()))
+    assert curated(tmp_path / "out") == [prose, prose + " Again."]
+    assert summary["after_filters"] == 2
+    with pytest.raises(Exception, match=r"data.curate.quality.gopher_quality.min_words: unknown option"):
+        run_curate(source, tmp_path / "bad", CurateConfig(quality={"gopher_quality": {"min_words": 3}}))

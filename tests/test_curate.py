@@ -135,3 +135,54 @@ def test_named_quality_filters_drop_what_datatrove_drops(tmp_path):
     assert summary["after_filters"] == 2
     with pytest.raises(Exception, match=r"data.curate.quality.gopher_quality.min_words: unknown option"):
         run_curate(source, tmp_path / "bad", CurateConfig(quality={"gopher_quality": {"min_words": 3}}))
+
+
+def _tiny_checkpoint(directory: Path, texts: list[str]) -> Path:
+    """A podtrain checkpoint (random weights, fixed seed) and a BPE trained on ``texts`` beside it."""
+    import json
+
+    import torch
+    from safetensors.torch import save_model
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from training.config import validate_config
+    from training.model import Transformer
+
+    directory.mkdir()
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=200, special_tokens=["[UNK]"]))
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = validate_config({"train_data": "unused", "seq_len": 64, "model": {
+        "vocab_size": 256, "d_model": 32, "num_layers": 1, "max_seq_len": 64, "attention": {"n_heads": 2}}})
+    torch.manual_seed(0)
+    save_model(Transformer(config.model), str(directory / "final.safetensors"))
+    (directory / "final.config.json").write_text(json.dumps(config.to_plain()), encoding="utf-8")
+    return directory
+
+
+def test_perplexity_filter_drops_the_worst_percentile_and_a_new_threshold_reuses_the_side_file(tmp_path):
+    import numpy as np
+
+    rng = random.Random(1)
+    words = ["river", "stone", "light", "garden", "window", "morning", "paper", "music"]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randrange(5, 40))) for _ in range(40)]
+    source = shard_dir(tmp_path, texts, lines_per_shard=15)
+    model = _tiny_checkpoint(tmp_path / "ckpt", texts)
+    ppl = {"checkpoint": str(model), "tokenizer": str(model / "tokenizer.json"), "drop_percentile": 25}
+    summary = run_curate(source, tmp_path / "out", CurateConfig(perplexity=ppl), Console(file=io.StringIO()))
+    (scores_dir,) = (tmp_path / "out" / ".curate").glob("scores-*")
+    scores = {p.name[:-4]: np.load(p) for p in sorted(scores_dir.glob("*.npy"))}
+    assert sorted(scores) == [p.name for p in load_manifest(source).shard_paths(source)]
+    every = np.concatenate(list(scores.values()))
+    assert len(every) == 40 and np.all(np.isfinite(every)) and len(set(every.round(6))) > 20
+    limit = summary["perplexity_threshold"]
+    expected = [t for t, s in zip(curated(source), every) if s <= limit]
+    assert curated(tmp_path / "out") == expected and 28 <= len(expected) <= 31
+    stamp = {p: p.stat().st_mtime_ns for p in scores_dir.glob("*.npy")}
+    median = float(np.median(every))
+    run_curate(source, tmp_path / "out", CurateConfig(perplexity={**ppl, "drop_percentile": None, "max_perplexity": median}),
+               Console(file=io.StringIO()))
+    assert {p: p.stat().st_mtime_ns for p in scores_dir.glob("*.npy")} == stamp  # not scored again
+    assert curated(tmp_path / "out") == [t for t, s in zip(curated(source), every) if s <= median]
+

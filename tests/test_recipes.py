@@ -234,3 +234,29 @@ def test_sigkill_while_sharding_a_mixed_recipe_then_rerun_is_byte_identical(tmp_
     assert [(s.name, s.sha256) for s in got.shards] == [(s.name, s.sha256) for s in ref.shards]
     assert got.source_totals() == ref.source_totals() == {"a.jsonl": [6000, ref.source_totals()["a.jsonl"][1]],
                                                           "qa.parquet": [4000, ref.source_totals()["qa.parquet"][1]]}
+
+
+@pytest.mark.slow
+def test_orchestrate_data_recipe_shards_curates_and_tokenizes_the_curated_shards(tmp_path):
+    from conftest import stdlib_documents
+
+    docs = [d.replace("\n", " ") for d in stdlib_documents(400_000)]
+    write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs[: len(docs) // 2]] * 2)  # every document twice
+    write_jsonl(tmp_path / "b.jsonl", [{"body": d} for d in docs[len(docs) // 2:]])
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "sources": [{"type": "files", "path": "a.jsonl"}, {"type": "files", "path": "b.jsonl", "text_field": "body"}],
+        "curate": {"dedup": {"minhash": False}},
+    })
+    workspace = tmp_path / "ws"
+    args = [sys.executable, "-m", "orchestrator", "--mode", "local", "--workspace", str(workspace), "--data", str(recipe),
+            "--config", "configs/demo.yaml", "--experiment", "mix", "--stop-after", "tokenizer", "--val-ratio", "0.1"]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    sharded = load_manifest(workspace / "datasets" / "train" / "mix")
+    curated = load_manifest(workspace / "datasets" / "curated" / "train" / "mix")
+    assert curated.total_lines < sharded.total_lines  # the copies of a.jsonl are gone
+    assert set(sharded.source_totals()) == {"a.jsonl", "b.jsonl"}
+    assert "[stage] curate: done" in proc.stdout
+    assert list((workspace / "cache" / "mix" / "tokens" / "train").glob("*"))
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert again.returncode == 0 and "[stage] curate: done earlier with the same inputs, skipped" in again.stdout

@@ -16,6 +16,8 @@ surviving documents under the input shard names and a manifest written last.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import time
 from pathlib import Path
@@ -50,10 +52,13 @@ def _normalised(doc: Any) -> bytes:
 
 
 def _execute(pipeline: list[Any], tasks: int, logs: Path) -> None:
+    """Run one datatrove step list; its per-task logs go to ``logs/logs/`` and not the terminal
+    (datatrove adds a stderr sink and progress bars for every task, which would bury our table)."""
     from datatrove.executor.local import LocalPipelineExecutor
 
-    LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=tasks, logging_dir=str(logs),
-                          start_method="fork").run()
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+        LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=tasks, logging_dir=str(logs),
+                              start_method="fork").run()
 
 
 def _entries(directory: Path, names: list[str]) -> list[ShardEntry]:
@@ -129,13 +134,6 @@ def minhash_config(config: Any) -> Any:
                          seed=config.seed, hash_config=HashConfig(precision=64, hash_fc="sha1"))
 
 
-def _quiet_datatrove() -> None:
-    """datatrove logs every task to stderr through loguru; the per-task logs in its logging_dir stay."""
-    from loguru import logger
-
-    logger.remove()
-
-
 def run_curate(input_dir: Path, output_dir: Path, config: CurateConfig, console: Console | None = None) -> dict[str, Any]:
     """Curate the shards listed in ``input_dir``'s manifest into ``output_dir``; resumable, deterministic.
 
@@ -155,7 +153,6 @@ def run_curate(input_dir: Path, output_dir: Path, config: CurateConfig, console:
     if config.perplexity is not None:
         check_model(config.perplexity)
     quality = quality_steps(config.quality)
-    _quiet_datatrove()
     started = time.monotonic()
     names = [s.name for s in source.shards]
     gzip = any(n.endswith(".gz") for n in names)

@@ -222,4 +222,9 @@ def _stream(run: _Run, spec: SourceSpec, start: Position, stop: StopSignals, cac
 def _report(run: _Run) -> ShardResult:
     result = run.finish()
     run.console.print(summary_table(result))
+    for out in run.outputs:  # a recipe run: what each source gave
+        totals = out.manifest.source_totals() if out.manifest else None
+        if totals:
+            given = ", ".join(f"{name} {docs:,} docs / {size / 1e6:,.1f} MB" for name, (docs, size) in totals.items())
+            run.console.print(f"{out.split} sources: {given}", highlight=False)
     return result

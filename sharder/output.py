@@ -26,7 +26,7 @@ from sharder.errors import ShardError
 from sharder.manifest import MANIFEST_NAME, Manifest, ManifestError, ShardEntry, load_manifest
 from sharder.sources import BATCH_SIZE, START, Batch, Position
 from sharder.textshard import encode_lines, rows_by_chunk
-from training.atomic import atomic_path, remove_stale_temporaries
+from training.atomic import atomic_path, atomic_write_bytes, remove_stale_temporaries
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -39,10 +39,16 @@ GZIP_LEVEL = 1
 # of two thread hand-offs per batch for a handful of rows.
 GATHER_ROWS = 64
 _SHARD_RE = re.compile(r"^shard_(\d{5,})\.txt(\.gz)?$")
+SOURCES_SUFFIX = ".sources"
 
 
 def shard_name(index: int, gzip: bool) -> str:
     return f"shard_{index:05d}.txt" + (".gz" if gzip else "")
+
+
+def sources_file(shard: Path) -> Path:
+    """A recipe run's side file of a shard: the source index of each line, uint16 little-endian."""
+    return shard.with_name(shard.name + SOURCES_SUFFIX)
 
 
 def shard_files(directory: Path) -> list[Path]:
@@ -87,6 +93,7 @@ class ShardFile:
         self.text_bytes = 0
         self.bytes = 0
         self.sources: dict[str, list[int]] | None = None  # recipe runs, counted as rows are queued
+        self.line_sources: list[np.ndarray] = []  # recipe runs: each line's source index, in order
         self._sha = hashlib.sha256()
         self._stack = contextlib.ExitStack()
         tmp = self._stack.enter_context(atomic_path(path))
@@ -100,7 +107,10 @@ class ShardFile:
         self.text_bytes += text_bytes
 
     def commit(self) -> ShardEntry:
-        """Flush, fsync and rename into place; returns the manifest entry."""
+        """Flush, fsync and rename into place (the sources side file first); returns the manifest entry."""
+        if self.line_sources:
+            lines = np.concatenate(self.line_sources).astype("<u2")
+            atomic_write_bytes(sources_file(self.path), lines.tobytes())
         self._stack.close()
         return ShardEntry(self.path.name, self.lines, self.bytes, self._sha.hexdigest(), self.text_bytes, self.sources)
 
@@ -268,6 +278,9 @@ class OutputDir:
         for path in shard_files(self.directory):
             if path.name not in listed:
                 path.unlink()
+        for path in self.directory.glob(f"shard_*{SOURCES_SUFFIX}"):
+            if path.name[: -len(SOURCES_SUFFIX)] not in listed:
+                path.unlink()
         self._next_index = len(self.manifest.shards) if self.manifest else 0
         if self.manifest is None:
             self.manifest = Manifest(
@@ -319,6 +332,7 @@ class OutputDir:
             for chunk, local in rows_by_chunk(batch.texts.chunks, rows)
         ]) if len(rows) else np.zeros(0, dtype=np.int64)
         which = batch.sources[rows]
+        shard.line_sources.append(which)
         counts = shard.sources if shard.sources is not None else {}
         for index in np.unique(which):
             entry = counts.setdefault(self.labels[int(index)], [0, 0])

@@ -83,6 +83,27 @@ def test_planted_near_and_exact_duplicates_are_removed_and_distinct_documents_ke
     assert summary["output"] == len(kept) and summary["input"] == len(docs)
 
 
+def test_dedup_reports_what_it_removed_per_recipe_source(tmp_path):
+    import json
+
+    import yaml
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"alpha story {w}"}) + "\n"
+                                              for w in ["one", "two", "one", "three", "two"]))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": f"beta tale {w}"}) + "\n" for w in ["x", "y", "z"]))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"sources": [{"type": "files", "path": "a.jsonl", "name": "a"},
+                                                           {"type": "files", "path": "b.jsonl", "name": "b"}]}}))
+    run_shard(ShardOptions(data=recipe, output_dir=tmp_path / "mixed", mode="prod", lines_per_shard=3),
+              console=Console(file=io.StringIO()))
+    summary = run_curate(tmp_path / "mixed", tmp_path / "out", CurateConfig(dedup={"minhash": False}),
+                         Console(file=io.StringIO()))
+    assert summary["sources"] == {"a": {"input": 5, "output": 3, "removed": 2}, "b": {"input": 3, "output": 3, "removed": 0}}
+    totals = load_manifest(tmp_path / "out").source_totals()
+    assert totals == {"a": [3, sum(len(f"alpha story {w}") for w in ["one", "two", "three"])],
+                      "b": [3, sum(len(f"beta tale {w}") for w in "xyz")]}
+
+
 def test_exact_dedup_alone_removes_normalised_copies_only(tmp_path):
     texts = ["The cat sat.", "the  CAT sat", "A dog ran far away.", "The cat sat on the mat."]
     source = shard_dir(tmp_path, texts, lines_per_shard=2)

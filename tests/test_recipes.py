@@ -15,6 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -76,6 +77,8 @@ def test_round_robin_alternates_and_sequential_respects_budgets(tmp_path):
     robin = shard(write_recipe(tmp_path / "robin.yaml", {"sources": sources}), tmp_path / "robin")
     assert robin == [f"{p} document {i}" for p, i in
                      [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3), ("a", 4)]]
+    side = (tmp_path / "robin" / "shard_00000.txt.sources").read_bytes()  # each line's source, uint16
+    assert list(np.frombuffer(side, dtype="<u2")) == [0, 1, 0, 1, 0, 1, 0, 0]
     sequential = shard(write_recipe(tmp_path / "seq.yaml", {
         "sources": sources, "mix_strategy": "sequential", "limits": {"a": 4, "b": 2},
     }), tmp_path / "seq")

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from sharder.errors import ShardError
 from sharder.manifest import Manifest, ManifestError, ShardEntry, load_manifest
-from sharder.output import shard_files
+from sharder.output import shard_files, sources_file
 from sharder.recipe import CurateConfig
 from training.atomic import atomic_write_text
 
@@ -61,10 +61,13 @@ def _execute(pipeline: list[Any], tasks: int, logs: Path) -> None:
                               start_method="fork").run()
 
 
-def _entries(directory: Path, names: list[str]) -> list[ShardEntry]:
+def _entries(directory: Path, names: list[str], labels: list[str] | None) -> list[ShardEntry]:
+    """Manifest entries of the shards in ``directory`` that hold documents, with per-source counts
+    when the shards have sources side files."""
     import gzip
     import hashlib
 
+    from sharder.curate.shardio import line_sources
     from sharder.textshard import read_documents
 
     entries = []
@@ -73,11 +76,29 @@ def _entries(directory: Path, names: list[str]) -> list[ShardEntry]:
         if not path.exists():  # every document of that shard was removed
             continue
         data = path.read_bytes()
-        lines = sum(1 for _ in read_documents(path))
-        if lines:
-            text_bytes = len(gzip.decompress(data)) if name.endswith(".gz") else len(data)
-            entries.append(ShardEntry(name, lines, len(data), hashlib.sha256(data).hexdigest(), text_bytes))
+        docs = list(read_documents(path))
+        if not docs:
+            continue
+        text_bytes = len(gzip.decompress(data)) if name.endswith(".gz") else len(data)
+        entry = ShardEntry(name, len(docs), len(data), hashlib.sha256(data).hexdigest(), text_bytes)
+        sources = line_sources(path)
+        if sources is not None and labels:
+            entry.sources = {}
+            for index, doc in zip(sources, docs):
+                counts = entry.sources.setdefault(labels[int(index)], [0, 0])
+                counts[0] += 1
+                counts[1] += len(doc.encode())
+        entries.append(entry)
     return entries
+
+
+def source_labels(source: dict[str, Any]) -> list[str] | None:
+    """The names of a recipe run's sources, by index (what the sources side files refer to)."""
+    if source.get("type") == "recipe":
+        from sharder.recipe import SourceConfig
+
+        return [SourceConfig(**s).label for s in source.get("sources", [])]
+    return source.get("labels")
 
 
 def _pass(input_dir: Path, output_dir: Path, steps: list[Any], tasks: int, logs: Path, gzip: bool,
@@ -160,7 +181,7 @@ def run_curate(input_dir: Path, output_dir: Path, config: CurateConfig, console:
     final_fp = _fp(CURATE_VERSION, source.fingerprint(), config.model_dump())
     marker = work / "output.fingerprint"
     if not marker.exists() or marker.read_text() != final_fp:
-        for path in shard_files(output_dir):
+        for path in [*shard_files(output_dir), *output_dir.glob("shard_*.sources")]:
             path.unlink()
         (output_dir / "manifest.json").unlink(missing_ok=True)
         work.mkdir(parents=True, exist_ok=True)
@@ -184,17 +205,20 @@ def run_curate(input_dir: Path, output_dir: Path, config: CurateConfig, console:
         target = output_dir if config.dedup is None else work / f"filter-{filter_fp}"
         _pass(input_dir, target, filter_steps, config.tasks, work / f"filter-{filter_fp}-logs", gzip, names)
         current = target
-        counts["after_filters"] = sum(e.lines for e in _entries(target, names))
+        counts["after_filters"] = sum(e.lines for e in _entries(target, names, None))
     if config.dedup is not None:
         dedup_fp = _fp(filter_fp, config.dedup.model_dump(), config.tasks)
         _dedup_steps(work / f"dedup-{dedup_fp}", config.dedup, config.tasks, current, names, gzip, output_dir)
     elif current == input_dir:  # nothing to do: copy the shards as they are
         for n in names:
-            shutil.copyfile(input_dir / n, output_dir / n)
-    entries = _entries(output_dir, names)
+            for path in (input_dir / n, sources_file(input_dir / n)):
+                if path.exists():
+                    shutil.copyfile(path, output_dir / path.name)
+    labels = source_labels(source.source)
+    entries = _entries(output_dir, names, labels)
     manifest = Manifest(
         source={"type": "curated", "from": str(input_dir), "input_fingerprint": source.fingerprint(),
-                "curate": config.model_dump(), "version": CURATE_VERSION},
+                "curate": config.model_dump(), "version": CURATE_VERSION, "labels": labels},
         mode=source.mode, split=source.split, settings=source.settings, shards=entries,
         resume={"curate_fingerprint": final_fp}, complete=True,
     )
@@ -202,6 +226,10 @@ def run_curate(input_dir: Path, output_dir: Path, config: CurateConfig, console:
     seconds = time.monotonic() - started
     counts["output"] = manifest.total_lines
     counts["removed"] = counts["input"] - counts["output"]
+    before, after = source.source_totals(), manifest.source_totals() or {}
+    if before:
+        counts["sources"] = {name: {"input": docs, "output": after.get(name, [0, 0])[0],
+                                    "removed": docs - after.get(name, [0, 0])[0]} for name, (docs, _) in before.items()}
     summary = {**counts, "seconds": round(seconds, 2),
                "throughput": f"{counts['input'] / max(seconds, 1e-9):,.0f} docs/s"}
     console.print(_table(input_dir, counts, seconds))
@@ -218,5 +246,7 @@ def _table(directory: Path, counts: dict[str, Any], seconds: float) -> Table:
         if key in counts:
             table.add_row(key.replace("_", " "), f"{counts[key]:,}", f"{previous - counts[key]:,}")
             previous = counts[key]
+    for name, per in counts.get("sources", {}).items():
+        table.add_row(f"  source {name}", f"{per['input']:,} -> {per['output']:,}", f"{per['removed']:,}")
     table.caption = f"{seconds:.1f} s, {counts['input'] / max(seconds, 1e-9):,.0f} docs/s"
     return table

@@ -11,8 +11,9 @@ process and one task each (so the figures are per core):
 - mixer: ``fineweb-sharder --data`` on a weighted [3, 1] recipe of the two files, against
   datatrove's ``JsonlReader -> JsonlWriter`` on the same files (datatrove has no mixer: reading and
   writing the same documents is the work both must do);
-- dedup: podtrain's curate stage (exact + MinHash, FineWeb's 5-grams x 14 x 8) against datatrove's
-  example ``minhash_deduplication.py`` (the 4 MinHash steps, JsonlReader/JsonlWriter), same config;
+- dedup: podtrain's curate stage (MinHash alone, then exact + MinHash; FineWeb's 5-grams x 14 x 8)
+  against datatrove's example ``minhash_deduplication.py`` (the 4 MinHash steps,
+  JsonlReader/JsonlWriter), same config;
 - filters: the curate stage with gopher_repetition, fineweb, gopher_quality and c4 against
   datatrove's ``fineweb.py`` filter block (same four filters) between JsonlReader and JsonlWriter.
 
@@ -217,8 +218,11 @@ def main() -> None:
             ("mixer: fineweb-sharder --data (weighted 3:1)", "datatrove JsonlReader -> JsonlWriter",
              _best(lambda t: run_mixer(files, t / "s"), args.repeat, scratch / "m"),
              _best(lambda t: datatrove_copy(files, t), args.repeat, scratch / "mb")),
+            ("dedup: curate MinHash 5g 14x8", "datatrove minhash_deduplication example",
+             _best(lambda t: run_curate_bench(shards, t / "c", {"dedup": {"exact": False}}), args.repeat, scratch / "d"),
+             _best(lambda t: datatrove_minhash(files, t), args.repeat, scratch / "db")),
             ("dedup: curate exact + MinHash 5g 14x8", "datatrove minhash_deduplication example",
-             _best(lambda t: run_curate_bench(shards, t / "c", {"dedup": {}}), args.repeat, scratch / "d"),
+             _best(lambda t: run_curate_bench(shards, t / "c", {"dedup": {}}), args.repeat, scratch / "e"),
              _best(lambda t: datatrove_minhash(files, t), args.repeat, scratch / "db")),
             ("filters: curate gopher_rep+fineweb+gopher+c4", "datatrove fineweb.py filter block",
              _best(lambda t: run_curate_bench(shards, t / "c", {"quality": QUALITY}), args.repeat, scratch / "f"),
@@ -240,7 +244,7 @@ def main() -> None:
                       f"{documents / theirs:,.0f}", f"{ours / theirs - 1:+.0%}")
         results.append({"step": name, "seconds": ours, "docs_per_s": documents / ours, "baseline": baseline,
                         "baseline_seconds": theirs, "baseline_docs_per_s": documents / theirs})
-    console = Console()
+    console = Console(width=200)
     console.print(table)
     for name, (removed, lost) in recall.items():
         console.print(f"dedup {name}: {removed:.1%} of planted duplicates removed, {lost:.2%} of distinct documents lost")

@@ -51,13 +51,13 @@ def _normalised(doc: Any) -> bytes:
     return simplify_text(doc.text).encode()
 
 
-def _execute(pipeline: list[Any], tasks: int, logs: Path) -> None:
+def _execute(pipeline: list[Any], tasks: int, logs: Path, workers: int = 1) -> None:
     """Run one datatrove step list; its per-task logs go to ``logs/logs/`` and not the terminal
     (datatrove adds a stderr sink and progress bars for every task, which would bury our table)."""
     from datatrove.executor.local import LocalPipelineExecutor
 
     with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
-        LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=tasks, logging_dir=str(logs),
+        LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logs),
                               start_method="fork").run()
 
 
@@ -107,7 +107,7 @@ def _pass(input_dir: Path, output_dir: Path, steps: list[Any], tasks: int, logs:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     shards = [str(input_dir / n) for n in names]
-    _execute([TextShardReader(shards), *steps, TextShardWriter(str(output_dir), gzip)], tasks, logs)
+    _execute([TextShardReader(shards), *steps, TextShardWriter(str(output_dir), gzip)], tasks, logs, tasks)
 
 
 def _dedup_steps(work: Path, config: Any, tasks: int, input_dir: Path, names: list[str], gzip: bool,
@@ -126,16 +126,16 @@ def _dedup_steps(work: Path, config: Any, tasks: int, input_dir: Path, names: li
     if config.exact:
         exact = ExactDedupConfig(content_getter=_normalised)
         _execute([TextShardReader(shards), ExactDedupSignature(str(work / "exact_sigs"), exact)], tasks,
-                 work / "logs" / "exact_sigs")
+                 work / "logs" / "exact_sigs", tasks)
         _execute([ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), exact)], 1,
                  work / "logs" / "exact_dups")
         before.append(ExactDedupFilter(str(work / "exact_dups"), exact))
     if config.minhash:
         minhash = minhash_config(config)
         _execute([TextShardReader(shards), *before, MinhashDedupSignature(str(work / "mh_sigs"), minhash)], tasks,
-                 work / "logs" / "mh_sigs")
+                 work / "logs" / "mh_sigs", tasks)
         _execute([MinhashDedupBuckets(str(work / "mh_sigs"), str(work / "mh_buckets"), config=minhash)],
-                 config.buckets, work / "logs" / "mh_buckets")
+                 config.buckets, work / "logs" / "mh_buckets", tasks)
         _execute([MinhashDedupCluster(str(work / "mh_buckets"), str(work / "mh_remove"), config=minhash)], 1,
                  work / "logs" / "mh_remove")
         before.append(MinhashDedupFilter(str(work / "mh_remove")))
@@ -195,7 +195,7 @@ def run_curate(input_dir: Path, output_dir: Path, config: CurateConfig, console:
         scores_dir = work / f"scores-{score_fp}"
         scores_dir.mkdir(parents=True, exist_ok=True)
         _execute([TextShardReader([str(input_dir / n) for n in names]), PerplexityScorer(p, str(scores_dir))],
-                 config.tasks, scores_dir / "logs")
+                 config.tasks, scores_dir / "logs", config.tasks)
         limit = threshold(p, load_scores(scores_dir))
         counts["perplexity_threshold"] = round(limit, 3)
         filter_steps.append(PerplexityFilter(str(scores_dir), limit))

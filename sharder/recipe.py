@@ -140,8 +140,8 @@ class CurateConfig(_Strict):
 class DataSection(_Strict):
     """The ``data:`` section as users write it."""
 
-    sources: list[Union[str, SourceConfig]] = Field(default_factory=list)
-    custom_sources: list[SourceConfig] = Field(default_factory=list)
+    sources: list[Union[str, dict[str, Any]]] = Field(default_factory=list)  # names or SourceConfig mappings
+    custom_sources: list[dict[str, Any]] = Field(default_factory=list)  # SourceConfig mappings
     registry: str | None = None
     mix_strategy: Literal["round_robin", "sequential", "weighted"] = "round_robin"
     source_weights: list[float] | None = None
@@ -157,6 +157,12 @@ class DataSection(_Strict):
         if value is not None and (not value or any(w <= 0 for w in value)):
             raise ValueError("weights must be positive numbers")
         return value
+
+
+class _Recipe(_Strict):
+    """The ``data:`` key around a section, so error paths read ``data.mix_strategy``."""
+
+    data: DataSection
 
 
 class Recipe(BaseModel):
@@ -196,11 +202,25 @@ class Recipe(BaseModel):
         return {"type": "recipe", "fingerprint": self.fingerprint(), **self.mix_settings()}
 
 
+def _custom(item: dict[str, Any], where: str) -> SourceConfig:
+    """A custom source mapping, its errors prefixed with where it sits (``r.yaml: data.sources[1]``)."""
+    try:
+        return SourceConfig.model_validate(item)
+    except ValidationError as exc:
+        file, key = where.split(": ", 1)
+        parts = []
+        for err in exc.errors():  # format_validation_error's wording, with the key path under ``key``
+            one = format_validation_error(ValidationError.from_exception_data(exc.title, [err]), "")[2:]
+            parts.append(f"{key}.{one}" if err["loc"] else f"{key}: {one}")
+        raise ShardError(f"{file}: " + "; ".join(parts)) from None
+
+
 def _resolve(section: DataSection, registry: Registry, where: str) -> list[SourceConfig]:
     resolved: list[SourceConfig] = []
     for i, item in enumerate(section.sources):
-        resolved.append(registry.source(item, f"{where}: data.sources[{i}]") if isinstance(item, str) else item)
-    resolved.extend(section.custom_sources)
+        here = f"{where}: data.sources[{i}]"
+        resolved.append(registry.source(item, here) if isinstance(item, str) else _custom(item, here))
+    resolved.extend(_custom(item, f"{where}: data.custom_sources[{i}]") for i, item in enumerate(section.custom_sources))
     if not resolved:
         raise ShardError(f"{where}: data.sources: no source (name one from the registry or add data.custom_sources)")
     seen: dict[str, int] = {}
@@ -220,9 +240,9 @@ def _resolve(section: DataSection, registry: Registry, where: str) -> list[Sourc
 def recipe_from_mapping(data: dict[str, Any], where: str, base: Path) -> Recipe:
     """Validate a ``data:`` section (``where`` names its file; relative paths resolve from ``base``)."""
     try:
-        section = DataSection.model_validate(data)
+        section = _Recipe.model_validate({"data": data}).data
     except ValidationError as exc:
-        raise ShardError(format_validation_error(exc, where).replace(f"{where}: ", f"{where}: data.", 1)) from None
+        raise ShardError(format_validation_error(exc, where)) from None
     registry_file = None
     if section.registry:
         registry_file = Path(section.registry)

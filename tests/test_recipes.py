@@ -107,6 +107,9 @@ def test_qa_fields_are_formatted_exactly_and_min_text_length_applies_per_source(
      "format uses a which is not in fields"),
     ({"sources": ["c4"], "limits": {"wikipedia": 3}}, "data.limits.wikipedia: no such source"),
     ({"sources": ["c4"], "curate": {"quality": ["gopher"]}}, "unknown quality filter 'gopher'"),
+    ({"sources": ["c4", {"type": "pdf"}]}, "data.sources[1]: type pdf needs 'path'"),
+    ({"sources": ["c4"], "custom_sources": [{"type": "hf", "dataset": "x/y", "split": 3}]},
+     "data.custom_sources[0].split: Input should be a valid string (got 3)"),
 ])
 def test_bad_recipes_are_refused_before_any_work_in_one_line(tmp_path, data, message):
     with pytest.raises(ShardError) as info:

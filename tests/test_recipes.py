@@ -186,24 +186,30 @@ def _make_pdf(path: Path, pages: list[list[str]]) -> None:
 
 
 def test_pdf_folder_is_extracted_recursively_in_3_to_5k_chunks_at_paragraph_ends_with_file_and_page(tmp_path):
-    from sharder.mix import source_dataset
+    from sharder.mix import TEXT_COLUMN, source_dataset
+    from sharder.pdf import generate_chunks
     from sharder.recipe import SourceConfig
 
     (tmp_path / "pdfs" / "nested").mkdir(parents=True)
     sentence = "The quick brown fox jumps over the lazy dog near the river bank. "
     pages = [[f"Page {p} paragraph {i}. " + sentence * 3 for i in range(10)] for p in range(1, 5)]
     _make_pdf(tmp_path / "pdfs" / "nested" / "book.pdf", pages)
-    rows = list(source_dataset(SourceConfig(type="pdf", path=str(tmp_path / "pdfs")), 0, 1, "test", str(tmp_path), None))
-    assert len(rows) >= 2
-    joined = " ".join(r["text"].replace("\n", " ") for r in rows)
+    pdf = str(tmp_path / "pdfs" / "nested" / "book.pdf")
+    chunks = list(generate_chunks([pdf], 4000))
+    assert [(c["file"], c["page"]) for c in chunks][0] == (pdf, 1) and chunks[-1]["last_page"] == 4
+    assert all(a["last_page"] <= b["page"] for a, b in zip(chunks, chunks[1:]))
+    texts = [c["text"] for c in chunks]
+    assert len(texts) >= 2
+    joined = " ".join(t.replace("\n", " ") for t in texts)
     for p in range(1, 5):
         assert f"Page {p} paragraph 9." in joined
-    for row in rows[:-1]:
-        assert 3000 <= len(row["text"]) <= 5000, len(row["text"])
-        assert row["text"].rstrip().endswith("bank."), row["text"][-40:]
+    for text in texts[:-1]:
+        assert 3000 <= len(text) <= 5000, len(text)
+        assert text.rstrip().endswith("bank."), text[-40:]
+    source = source_dataset(SourceConfig(type="pdf", path=str(tmp_path / "pdfs")), 0, 1, "test", str(tmp_path), None)
+    assert [r[TEXT_COLUMN] for r in source.with_format(None)] == texts
     recipe = write_recipe(tmp_path / "r.yaml", {"sources": [{"type": "pdf", "path": "pdfs", "name": "books"}]})
-    docs = shard(recipe, tmp_path / "out")
-    assert docs == [r["text"] for r in rows]
+    assert shard(recipe, tmp_path / "out") == texts
 
 
 def _start_sharder(args: list[str]) -> subprocess.Popen:

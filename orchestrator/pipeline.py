@@ -1,4 +1,4 @@
-"""The whole pipeline as five stages: layout → shard → tokenizer → emit → train.
+"""The whole pipeline as stages: layout → shard → (curate, when the recipe curates) → tokenizer → emit → train.
 
 Each stage is a plain function over :class:`PipelineOptions` and the :class:`Layout`; the runner in
 ``orchestrator.stages`` decides, from completion markers, which ones need to run. Everything here

@@ -207,3 +207,26 @@ def test_perplexity_filter_drops_the_worst_percentile_and_a_new_threshold_reuses
     assert {p: p.stat().st_mtime_ns for p in scores_dir.glob("*.npy")} == stamp  # not scored again
     assert curated(tmp_path / "out") == [t for t, s in zip(curated(source), every) if s <= median]
 
+
+
+def test_changing_the_dedup_keeps_the_filtered_shards_and_changing_a_filter_redoes_both(tmp_path):
+    prose = ("The committee met on Tuesday to discuss the budget for the coming year. Members agreed that "
+             "the proposal should be revised before the next meeting, and the chair thanked everyone for "
+             "their careful work on the draft. ")
+    texts = [prose * 3, prose * 3, "$$$ ### " * 40, prose * 2 + "Again and again."]  # 135, 135, -, 92 words
+    source = shard_dir(tmp_path, texts, lines_per_shard=2)
+    out = tmp_path / "out"
+
+    def curate(quality: dict, dedup: dict) -> dict[str, int]:
+        run_curate(source, out, CurateConfig(quality=quality, dedup=dedup), Console(file=io.StringIO()))
+        return {p.parent.name: p.stat().st_mtime_ns for p in (out / ".curate").glob("filter-*/shard_*")}
+
+    texts_left = [prose * 3, prose * 2 + "Again and again."]
+    first = curate({"gopher_quality": {}}, {"minhash": False})
+    assert curated(out) == texts_left
+    second = curate({"gopher_quality": {}}, {"exact": False, "minhash": False})
+    assert second == first  # the same filter folder, not rewritten
+    assert curated(out) == [prose * 3, prose * 3, prose * 2 + "Again and again."]
+    third = curate({"gopher_quality": {"min_doc_words": 100}}, {"minhash": False})
+    assert set(third) - set(first)  # a new filter folder
+    assert curated(out) == [prose * 3]

@@ -208,7 +208,9 @@ def run_curate(input_dir: Path, output_dir: Path, config: CurateConfig, console:
         counts["after_filters"] = sum(e.lines for e in _entries(target, names, None))
     if config.dedup is not None:
         dedup_fp = _fp(filter_fp, config.dedup.model_dump(), config.tasks)
-        _dedup_steps(work / f"dedup-{dedup_fp}", config.dedup, config.tasks, current, names, gzip, output_dir)
+        left = [n for n in names if (current / n).exists()]  # the filters may have emptied a shard
+        if left:
+            _dedup_steps(work / f"dedup-{dedup_fp}", config.dedup, config.tasks, current, left, gzip, output_dir)
     elif current == input_dir:  # nothing to do: copy the shards as they are
         for n in names:
             for path in (input_dir / n, sources_file(input_dir / n)):

@@ -1,4 +1,4 @@
-"""The whole pipeline as five stages: layout → shard → tokenizer → emit → train.
+"""The whole pipeline as stages: layout → shard → (curate, when the recipe curates) → tokenizer → emit → train.
 
 Each stage is a plain function over :class:`PipelineOptions` and the :class:`Layout`; the runner in
 ``orchestrator.stages`` decides, from completion markers, which ones need to run. Everything here
@@ -61,6 +61,7 @@ class PipelineOptions:
     text_field: str = "text"
     tokenizer_sample_bytes: int = 2_000_000_000
     nproc: int | None = None  # training processes; None: one per visible GPU (torch.cuda.device_count())
+    data: str | None = None  # a data recipe file (--data): replaces --input
 
     def config_path(self) -> Path:
         raw = Path(self.config or DEFAULT_CONFIG[self.mode])
@@ -103,6 +104,8 @@ def _shard_options(opts: PipelineOptions, layout: Layout, items: list[str], mode
     common = dict(mode=mode, split=split, lines_per_shard=opts.train_shard_lines, val_ratio=opts.val_ratio, take=opts.take,
                   gzip=opts.gzip, text_field=opts.text_field, experiment=layout.experiment, workspace=layout.root,
                   overwrite=overwrite)
+    if opts.data is not None:
+        return ShardOptions(data=opts.data, **{**common, "text_field": "text"})
     if hub:
         dataset, name = _hf_spec(hub[0])
         return ShardOptions(dataset=dataset, name=name, source_label=f"--input {hub[0]}", **common)
@@ -152,6 +155,20 @@ def check_token_dirs(cfg: TrainConfig) -> None:
         raise PipelineError("missing or empty shards, not launching:\n" + "\n".join(problems))
 
 
+def _load_recipe(opts: PipelineOptions) -> Any:
+    """The --data recipe, checked before any stage (None without --data)."""
+    if opts.data is None:
+        return None
+    if opts.inputs or opts.validation:
+        raise PipelineError("--data and --input/--validation are exclusive: a recipe names its own sources")
+    from sharder.recipe import load_recipe
+
+    try:
+        return load_recipe(opts.data)
+    except ShardError as exc:
+        raise PipelineError(str(exc)) from None
+
+
 class Pipeline:
     """Builds the stage list for one invocation; ``run()`` executes or plans it."""
 
@@ -171,9 +188,12 @@ class Pipeline:
             self.base_config = load_config(self.config_path, opts.overrides)  # fail fast, before any stage
         except ConfigError as exc:
             raise PipelineError(str(exc)) from None
-        if opts.shard and not opts.inputs:
+        self.recipe = _load_recipe(opts)
+        if opts.shard and not opts.inputs and self.recipe is None:
             raise PipelineError("--input: required to shard (or pass --reuse-shards / RUN_SHARD=0 to use existing shards)")
         self.input_ids = _input_identity(opts.inputs, "--input") if opts.shard else []
+        if self.recipe is not None:
+            self.input_ids = [{"recipe": self.recipe.fingerprint()}]
         self.validation_ids = _input_identity(opts.validation, "--validation") if opts.shard else []
 
     # -- stages -------------------------------------------------------------------------------
@@ -182,7 +202,9 @@ class Pipeline:
         shard_inputs = ({"inputs": self.input_ids, "validation": self.validation_ids, "lines": o.train_shard_lines,
                          "val_ratio": o.val_ratio, "take": o.take, "gzip": o.gzip, "text_field": o.text_field}
                         if o.shard else {"reuse": [_manifest_fp(L.train_text), _manifest_fp(L.val_text)]})
-        tok_inputs = {"shards": shard_inputs, "vocab_size": self.base_config.model.vocab_size,
+        curate = self.recipe.curate if self.recipe is not None and self.recipe.curate and self.recipe.curate.active else None
+        curate_inputs = {"shards": shard_inputs, "curate": curate.model_dump() if curate else None}
+        tok_inputs = {"shards": curate_inputs if curate else shard_inputs, "vocab_size": self.base_config.model.vocab_size,
                       "tokenizer_json": o.tokenizer_json, "sample_bytes": o.tokenizer_sample_bytes}
         emit_inputs = {"tokenizer": tok_inputs, "config": self.config_path.read_text(encoding="utf-8"),
                        "overrides": o.overrides, "root": str(L.root)}
@@ -191,6 +213,8 @@ class Pipeline:
                   lambda: all(d.is_dir() for d in L.directories()), plan=f"create {L.root}/{{datasets,artifacts,cache,runs,hf_cache}}"),
             Stage("shard", shard_inputs, self.shard_stage, lambda: _has_shards(L.train_text),
                   plan=(f"shard {', '.join(o.inputs)} -> {L.train_text}, {L.val_text}" if o.shard else f"reuse shards in {L.train_text}")),
+            Stage("curate", curate_inputs, self.curate_stage, lambda: _has_shards(self.text_dirs()[0]),
+                  plan=f"dedup/filter {L.train_text} -> {self.text_dirs()[0]}"),
             Stage("tokenizer", tok_inputs, self.tokenizer_stage,
                   lambda: (L.tokenizer / META_FILE).exists() and token_shard_report(L.train_tokens)[0] > 0,
                   plan=f"train or reuse {L.tokenizer}; encode -> {L.train_tokens}"),
@@ -200,7 +224,9 @@ class Pipeline:
             Stage("train", {"emit": emit_inputs}, self.train_stage, self._training_finished,
                   plan=f"train --resume auto -> {L.run / 'checkpoints'}"),
         ]
-        return all_stages[: STAGE_NAMES.index(o.stop_after) + 1]
+        last = STAGE_NAMES.index(o.stop_after)
+        # the curate stage exists only when the recipe curates: runs without one keep their stage list
+        return [s for s in all_stages if STAGE_NAMES.index(s.name) <= last and (s.name != "curate" or curate)]
 
     def layout_stage(self, changed: bool) -> dict[str, Any]:
         made = self.layout.create()
@@ -228,8 +254,27 @@ class Pipeline:
         return {"documents": docs, "seconds": secs,
                 "throughput": f"{docs / secs:,.0f} docs/s, {mb / secs:.1f} MB/s" if secs and docs else "shards up to date"}
 
+    def text_dirs(self) -> tuple[Path, Path]:
+        """The text shards the tokenizer reads: the curated ones when the recipe curates."""
+        L = self.layout
+        if self.recipe is None or self.recipe.curate is None or not self.recipe.curate.active:
+            return L.train_text, L.val_text
+        curated = L.root / "datasets" / "curated"
+        return curated / "train" / L.experiment, curated / "val" / L.experiment
+
+    def curate_stage(self, changed: bool) -> dict[str, Any]:
+        from sharder.curate.run import run_curate
+
+        L = self.layout
+        train, val = self.text_dirs()
+        summary = run_curate(L.train_text, train, self.recipe.curate, self.console)
+        if _has_shards(L.val_text):
+            run_curate(L.val_text, val, self.recipe.curate, self.console)
+        return {"result": f"{summary['input']:,} -> {summary['output']:,} train documents", "throughput": summary["throughput"]}
+
     def tokenizer_stage(self, changed: bool) -> dict[str, Any]:
         L, o = self.layout, self.opts
+        train_text, val_text = self.text_dirs()
         tokenizer_json = o.tokenizer_json
         if tokenizer_json is None and (L.tokenizer / TOKENIZER_FILE).exists() and not (L.tokenizer / META_FILE).exists():
             tokenizer_json = str(L.tokenizer / TOKENIZER_FILE)  # a tokenizer.json placed by hand (seed layout)
@@ -239,12 +284,12 @@ class Pipeline:
             shutil.rmtree(aside, ignore_errors=True)
             L.tokenizer.rename(aside)
             self.console.print(f"[stage] tokenizer: shards or settings changed; retraining (previous bundle kept at {aside})", markup=False)
-        bundle, status = prepare_tokenizer([L.train_text], L.tokenizer, self.base_config.model.vocab_size,
+        bundle, status = prepare_tokenizer([train_text], L.tokenizer, self.base_config.model.vocab_size,
                                            tokenizer_json=Path(tokenizer_json) if tokenizer_json else None,
                                            sample_bytes=o.tokenizer_sample_bytes, console=self.console)
-        results = [encode_shards(L.train_text, L.train_tokens, bundle, console=self.console)]
-        if _has_shards(L.val_text):
-            results.append(encode_shards(L.val_text, L.val_tokens, bundle, console=self.console))
+        results = [encode_shards(train_text, L.train_tokens, bundle, console=self.console)]
+        if _has_shards(val_text):
+            results.append(encode_shards(val_text, L.val_tokens, bundle, console=self.console))
         tokens = sum(r.tokens for r in results)
         secs = sum(r.seconds for r in results)
         return {"tokenizer": status, "vocab_size": bundle.vocab_size, "tokens": tokens,

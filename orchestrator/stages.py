@@ -24,7 +24,7 @@ from rich.table import Table
 
 from training.atomic import atomic_write_json
 
-STAGE_NAMES = ("layout", "shard", "tokenizer", "emit", "train")
+STAGE_NAMES = ("layout", "shard", "curate", "tokenizer", "emit", "train")
 
 
 def fingerprint(value: Any) -> str:

@@ -38,6 +38,7 @@ def shard(
     name: Annotated[Optional[str], typer.Option(help="Dataset config, e.g. sample-10BT.")] = None,
     source_split: Annotated[str, typer.Option(help="Split of the source dataset to read.")] = "train",
     text_field: Annotated[str, typer.Option(help="Column holding the document text.")] = "text",
+    data: Annotated[Optional[Path], typer.Option("--data", help="A data recipe (YAML/JSON, docs/data.md): named and custom sources mixed into one stream.")] = None,
     input: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="Local .parquet/.jsonl[.gz]/.json[.gz]/.txt[.gz] files, globs or directories: several after one --input, or the flag repeated.")] = None,
     output_dir: Annotated[Optional[Path], typer.Option(help="Output directory (split mode: its train/ and val/) [default: <workspace>/datasets/<split>/<experiment>].")] = None,
     experiment: Annotated[str, typer.Option(help="Experiment name in the default output directories.")] = "default",
@@ -56,7 +57,7 @@ def shard(
             mode=mode.value, split=split, lines_per_shard=lines_per_shard, take=take, val_ratio=val_ratio,
             gzip=gzip, dataset=dataset, name=name, text_field=text_field, input=input, output_dir=output_dir,
             experiment=experiment, min_text_length=min_text_length, workspace=workspace, overwrite=overwrite,
-            seed=seed, source_split=source_split,
+            seed=seed, source_split=source_split, data=data,
         )
         run_shard(options, console=console)
     except ShardError as exc:

@@ -27,13 +27,15 @@ class ManifestError(ValueError):
 @dataclass
 class ShardEntry:
     """One whole shard: ``bytes`` and ``sha256`` are of the file as stored (compressed for .gz),
-    ``text_bytes`` the UTF-8 size of its lines uncompressed (0 in manifests that predate it)."""
+    ``text_bytes`` the UTF-8 size of its lines uncompressed (0 in manifests that predate it);
+    ``sources`` how many documents and bytes (of the documents, unescaped) each recipe source gave."""
 
     name: str
     lines: int
     bytes: int
     sha256: str
     text_bytes: int = 0
+    sources: dict[str, list[int]] | None = None  # recipe runs: source -> [documents, UTF-8 bytes]
 
 
 @dataclass
@@ -67,6 +69,18 @@ class Manifest:
     def total_text_bytes(self) -> int:
         return sum(s.text_bytes for s in self.shards)
 
+    def source_totals(self) -> dict[str, list[int]] | None:
+        """Documents and bytes per recipe source over every shard (None: not a recipe run)."""
+        if not any(s.sources for s in self.shards):
+            return None
+        totals: dict[str, list[int]] = {}
+        for shard in self.shards:
+            for name, (docs, size) in (shard.sources or {}).items():
+                entry = totals.setdefault(name, [0, 0])
+                entry[0] += docs
+                entry[1] += size
+        return totals
+
     def shard_paths(self, directory: str | Path) -> list[Path]:
         return [Path(directory) / s.name for s in self.shards]
 
@@ -85,6 +99,9 @@ class Manifest:
             "bytes": self.total_bytes,
             "text_bytes": self.total_text_bytes,
         }
+        sources = self.source_totals()
+        if sources is not None:
+            data["totals"]["sources"] = {k: {"documents": d, "bytes": b} for k, (d, b) in sources.items()}
         return data
 
     def save(self, directory: str | Path) -> None:

@@ -7,7 +7,7 @@ once, and its errors name the CLI flag, which is how users meet them.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,8 @@ class ShardOptions:
     seed: int = 0
     source_split: str = "train"
     source_label: str | None = None  # names a hub source in errors as the caller's flag (orchestrate: --input hf:...)
+    data: str | Path | None = None  # a recipe file (--data): mixed sources instead of --input/--dataset
+    recipe: Any = field(default=None, init=False)  # the validated Recipe of ``data``
 
     def __post_init__(self) -> None:
         if isinstance(self.input, (str, Path)):
@@ -67,7 +69,15 @@ class ShardOptions:
         for flag, value in (("--split", self.split), ("--experiment", self.experiment)):
             if not _NAME_RE.match(value):
                 raise ShardError(f"{flag} {value!r}: use letters, digits, '.', '_' or '-' (it names a directory)")
-        if self.input is not None:
+        if self.data is not None:
+            from sharder.recipe import load_recipe
+
+            if self.input is not None or self.dataset is not None or self.name is not None:
+                raise ShardError("--data and --input/--dataset/--name are exclusive: a recipe names its own sources")
+            if self.text_field != "text":
+                raise ShardError("--text-field: not used with --data (each recipe source names its own text_field)")
+            self.recipe = load_recipe(self.data)  # checked whole, before any work
+        elif self.input is not None:
             if not self.input:
                 raise ShardError("--input: no file given")
             if self.dataset is not None or self.name is not None or self.source_split != "train":

@@ -26,7 +26,7 @@ from sharder.errors import ShardError
 from sharder.manifest import MANIFEST_NAME, Manifest, ManifestError, ShardEntry, load_manifest
 from sharder.sources import BATCH_SIZE, START, Batch, Position
 from sharder.textshard import encode_lines, rows_by_chunk
-from training.atomic import atomic_path, remove_stale_temporaries
+from training.atomic import atomic_path, atomic_write_bytes, remove_stale_temporaries
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -39,10 +39,16 @@ GZIP_LEVEL = 1
 # of two thread hand-offs per batch for a handful of rows.
 GATHER_ROWS = 64
 _SHARD_RE = re.compile(r"^shard_(\d{5,})\.txt(\.gz)?$")
+SOURCES_SUFFIX = ".sources"
 
 
 def shard_name(index: int, gzip: bool) -> str:
     return f"shard_{index:05d}.txt" + (".gz" if gzip else "")
+
+
+def sources_file(shard: Path) -> Path:
+    """A recipe run's side file of a shard: the source index of each line, uint16 little-endian."""
+    return shard.with_name(shard.name + SOURCES_SUFFIX)
 
 
 def shard_files(directory: Path) -> list[Path]:
@@ -86,6 +92,8 @@ class ShardFile:
         self.lines = 0
         self.text_bytes = 0
         self.bytes = 0
+        self.sources: dict[str, list[int]] | None = None  # recipe runs, counted as rows are queued
+        self.line_sources: list[np.ndarray] = []  # recipe runs: each line's source index, in order
         self._sha = hashlib.sha256()
         self._stack = contextlib.ExitStack()
         tmp = self._stack.enter_context(atomic_path(path))
@@ -99,9 +107,12 @@ class ShardFile:
         self.text_bytes += text_bytes
 
     def commit(self) -> ShardEntry:
-        """Flush, fsync and rename into place; returns the manifest entry."""
+        """Flush, fsync and rename into place (the sources side file first); returns the manifest entry."""
+        if self.line_sources:
+            lines = np.concatenate(self.line_sources).astype("<u2")
+            atomic_write_bytes(sources_file(self.path), lines.tobytes())
         self._stack.close()
-        return ShardEntry(self.path.name, self.lines, self.bytes, self._sha.hexdigest(), self.text_bytes)
+        return ShardEntry(self.path.name, self.lines, self.bytes, self._sha.hexdigest(), self.text_bytes, self.sources)
 
     def discard(self) -> None:
         """Remove the temporary file; the shard never becomes visible. Harmless after commit."""
@@ -149,6 +160,7 @@ class OutputDir:
         gzip: bool,
         overwrite: bool,
         background: Background,
+        labels: list[str] | None = None,
     ) -> None:
         self.directory = directory
         self.split = split
@@ -158,6 +170,7 @@ class OutputDir:
         self.lines_per_shard = lines_per_shard
         self.gzip = gzip
         self.overwrite = overwrite
+        self.labels = labels  # a recipe's source names, indexed by Batch.sources
         self.manifest: Manifest | None = None
         self.notes: list[str] = []
         self.new_documents = 0
@@ -265,6 +278,9 @@ class OutputDir:
         for path in shard_files(self.directory):
             if path.name not in listed:
                 path.unlink()
+        for path in self.directory.glob(f"shard_*{SOURCES_SUFFIX}"):
+            if path.name[: -len(SOURCES_SUFFIX)] not in listed:
+                path.unlink()
         self._next_index = len(self.manifest.shards) if self.manifest else 0
         if self.manifest is None:
             self.manifest = Manifest(
@@ -290,6 +306,8 @@ class OutputDir:
                 self._unfinished.append(self._shard)
                 self._next_index += 1
             part = rows[done : done + self.lines_per_shard - self._open_lines]
+            if self.labels is not None and batch.sources is not None:
+                self._count_sources(self._shard, batch, part)
             if len(part) < GATHER_ROWS:  # a few rows (val in split mode): copied aside, written together
                 self._gathered.append(copy_rows(batch.texts, part))  # not a view: the batch can go
                 self._gathered_rows += len(part)
@@ -303,6 +321,24 @@ class OutputDir:
             done += len(part)
             if self._open_lines >= self.lines_per_shard:
                 self._close_shard(batch.position_after(int(part[-1])))
+
+    def _count_sources(self, shard: ShardFile, batch: Batch, rows: np.ndarray) -> None:
+        """Add each source's documents and bytes among ``rows`` to ``shard`` (on the reader thread,
+        before the shard's commit is queued, so the commit thread sees the final counts)."""
+        import pyarrow.compute as pc
+
+        sizes = np.concatenate([
+            pc.binary_length(chunk).to_numpy(zero_copy_only=False)[local]
+            for chunk, local in rows_by_chunk(batch.texts.chunks, rows)
+        ]) if len(rows) else np.zeros(0, dtype=np.int64)
+        which = batch.sources[rows]
+        shard.line_sources.append(which)
+        counts = shard.sources if shard.sources is not None else {}
+        for index in np.unique(which):
+            entry = counts.setdefault(self.labels[int(index)], [0, 0])
+            entry[0] += int(np.count_nonzero(which == index))
+            entry[1] += int(sizes[which == index].sum())
+        shard.sources = counts
 
     def _queue_part(self, texts: "pa.ChunkedArray", rows: np.ndarray | None) -> None:
         """Encode ``rows`` of ``texts`` (all when None) on an encoder thread, then append them to

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from sharder.background import Background
 from sharder.errors import ShardError, ShardInterrupted
+from sharder.mix import open_recipe_stream
 from sharder.options import ShardOptions
 from sharder.output import OutputDir
 from sharder.report import ShardProgress, ShardResult, SplitResult, summary_table
@@ -120,11 +121,15 @@ def run_shard(options: ShardOptions, console: Console | None = None) -> ShardRes
     """
     console = console or Console(stderr=True)
     cache_dir, token = hf_environment(options.workspace)
-    if options.input is not None:
+    if options.recipe is not None:
+        spec = SourceSpec(kind="recipe", dataset=str(options.data), label=f"--data {options.data}")
+        source = options.recipe.describe()
+    elif options.input is not None:
         spec = resolve_inputs(options.input)
+        source = spec.describe()
     else:
         spec = hub_source(options.dataset, options.name, options.source_split, options.source_label)
-    source = spec.describe()
+        source = spec.describe()
     for directory in options.output_dirs().values():
         inside = [f for f in spec.files if f.is_relative_to(directory.resolve())]
         if inside:
@@ -132,7 +137,8 @@ def run_shard(options: ShardOptions, console: Console | None = None) -> ShardRes
     background = Background()
     outputs = [
         OutputDir(directory, split, options.mode, source, options.settings(source, split),
-                  options.lines_per_shard, options.gzip, options.overwrite, background)
+                  options.lines_per_shard, options.gzip, options.overwrite, background,
+                  labels=options.recipe.labels if options.recipe is not None else None)
         for split, directory in options.output_dirs().items()
     ]
     for out in outputs:
@@ -177,7 +183,10 @@ def _stream(run: _Run, spec: SourceSpec, start: Position, stop: StopSignals, cac
         for out in outputs:
             out.finish(final, exhausted=False, complete=True)
         return
-    stream = open_stream(spec, options.text_field, options.mode == "split", cache_dir, token)
+    if options.recipe is not None:
+        stream = open_recipe_stream(options.recipe, cache_dir, token)
+    else:
+        stream = open_stream(spec, options.text_field, options.mode == "split", cache_dir, token)
     label = ", ".join(out.split for out in outputs)
     remaining = run.take - run.written if run.take is not None else None
     final: Position | None = None  # set when --take ends the run inside a batch
@@ -213,4 +222,9 @@ def _stream(run: _Run, spec: SourceSpec, start: Position, stop: StopSignals, cac
 def _report(run: _Run) -> ShardResult:
     result = run.finish()
     run.console.print(summary_table(result))
+    for out in run.outputs:  # a recipe run: what each source gave
+        totals = out.manifest.source_totals() if out.manifest else None
+        if totals:
+            given = ", ".join(f"{name} {docs:,} docs / {size / 1e6:,.1f} MB" for name, (docs, size) in totals.items())
+            run.console.print(f"{out.split} sources: {given}", highlight=False)
     return result

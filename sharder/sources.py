@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+import numpy as np
+
 from sharder.errors import ShardError
 
 if TYPE_CHECKING:
@@ -69,7 +71,7 @@ class SourceSpec:
     split: str = "train"
     files: tuple[Path, ...] = ()
     columns: tuple[str, ...] | None = None  # known before streaming (parquet footers), else None
-    label: str | None = None  # how the user typed it when not as --dataset (orchestrate's --input hf:...)
+    label: str | None = None  # how the user typed it when not as --dataset (orchestrate's --input hf:..., a recipe's "--data r.yaml: source wiki")
 
     @property
     def flag(self) -> str:
@@ -139,7 +141,7 @@ def _check_readable(path: Path, kind: str) -> tuple[tuple[str, ...] | None, int 
         raise ShardError(f"--input {path}: not a readable parquet file ({_first_line(exc)})") from None
 
 
-def resolve_inputs(patterns: list[str]) -> SourceSpec:
+def resolve_inputs(patterns: list[str], where: str | None = None) -> SourceSpec:
     """Expand paths, globs and directories into one kind of file; check each can be read.
 
     Parquet files with no rows are left out (`datasets` cannot stream them).
@@ -170,7 +172,7 @@ def resolve_inputs(patterns: list[str]) -> SourceSpec:
         readable.append(path)
     if not readable:
         raise ShardError("--input: no documents in the source (every file is empty)")
-    return SourceSpec(kind=kind, files=tuple(readable), columns=columns)
+    return SourceSpec(kind=kind, files=tuple(readable), columns=columns, label=where)
 
 
 def hub_source(dataset: str, name: str | None, split: str, label: str | None = None) -> SourceSpec:
@@ -235,6 +237,7 @@ class Batch:
     begin: int
     texts: "pa.ChunkedArray"  # string or large_string; nulls where a row has no text
     ids: "pa.Array | None"  # the routing key column as strings (split mode, when the source has ids)
+    sources: np.ndarray | None = None  # a mixed stream's source index of each row (recipes)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -253,6 +256,7 @@ class Stream:
     key_field: str | None  # the id column, read only in split mode
     dataset: "IterableDataset"
     token: str | None = None
+    source_field: str | None = None  # a mixed stream's source index column
     _position: Position = field(default=START, init=False)
 
     def _texts(self, table: "pa.Table") -> "pa.ChunkedArray":
@@ -310,7 +314,10 @@ class Stream:
             if skip >= rows:
                 skip -= rows
                 continue
-            yield Batch(before.state, before.documents, skip, self._texts(table), self._ids(table))
+            sources = None
+            if self.source_field is not None:
+                sources = table.column(self.source_field).to_numpy()
+            yield Batch(before.state, before.documents, skip, self._texts(table), self._ids(table), sources)
             skip = 0
 
     @property
@@ -319,16 +326,10 @@ class Stream:
         return self._position
 
 
-def open_stream(spec: SourceSpec, text_field: str, need_key: bool, cache_dir: str, token: str | None) -> Stream:
-    """Open ``spec`` as a streaming `datasets` IterableDataset restricted to the columns we use."""
+def load_source(spec: SourceSpec, cache_dir: str, token: str | None) -> "IterableDataset":
+    """``spec`` as a raw streaming `datasets` IterableDataset; failures are one-line ShardErrors."""
     from datasets import load_dataset
 
-    if spec.kind == "text" and text_field != "text":
-        raise ShardError(f"--text-field {text_field!r}: .txt inputs have a single column, 'text'")
-    if spec.columns is not None and text_field not in spec.columns:
-        raise ShardError(
-            f"--text-field {text_field!r}: no such column in {spec.files[0]} (columns: {', '.join(spec.columns)})"
-        )
     try:
         if spec.kind == "hub":
             dataset = load_dataset(
@@ -349,12 +350,28 @@ def open_stream(spec: SourceSpec, text_field: str, need_key: bool, cache_dir: st
     except Exception as exc:  # `datasets` raises many types for a bad name, config, split or file
         message = str(exc)
         if spec.kind == "hub" and message.startswith("BuilderConfig"):
-            raise ShardError(f"{spec.label or f'--name {spec.name}'}: {_first_line(exc)}") from None
+            if spec.label and not spec.label.startswith("--data"):  # orchestrate's --input hf:OWNER/DATASET/CONFIG
+                raise ShardError(f"{spec.label}: {_first_line(exc)}") from None
+            flag = f"{spec.label}: config" if spec.label else "--name"
+            raise ShardError(f"{flag} {spec.name}: {_first_line(exc)}") from None
         if message.startswith("Bad split"):
-            raise ShardError(f"--source-split {spec.split}: {_first_line(exc)}") from None
+            flag = f"{spec.label}: split" if spec.label else "--source-split"
+            raise ShardError(f"{flag} {spec.split}: {_first_line(exc)}") from None
         missing = type(exc).__name__ in ("DatasetNotFoundError", "RepositoryNotFoundError", "FileNotFoundError")
         what = "no such dataset (or it is gated: set HF_TOKEN)" if missing else "cannot open"
         raise source_error(spec, what, exc, token) from None
+    return dataset
+
+
+def open_stream(spec: SourceSpec, text_field: str, need_key: bool, cache_dir: str, token: str | None) -> Stream:
+    """Open ``spec`` as a streaming `datasets` IterableDataset restricted to the columns we use."""
+    if spec.kind == "text" and text_field != "text":
+        raise ShardError(f"--text-field {text_field!r}: .txt inputs have a single column, 'text'")
+    if spec.columns is not None and text_field not in spec.columns:
+        raise ShardError(
+            f"--text-field {text_field!r}: no such column in {spec.files[0]} (columns: {', '.join(spec.columns)})"
+        )
+    dataset = load_source(spec, cache_dir, token)
     columns = dataset.column_names
     key_field = None
     if columns is not None:

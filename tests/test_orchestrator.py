@@ -162,7 +162,7 @@ def test_missing_shards_abort_before_launch_with_a_listing(inputs, first_run, tm
 
 @pytest.mark.parametrize("args, message", [
     (["--mode", "space"], "orchestrate: error: --mode 'space': expected cloud or local"),
-    (["--stop-after", "bake"], "--stop-after 'bake': expected one of layout, shard, tokenizer, emit, train"),
+    (["--stop-after", "bake"], "--stop-after 'bake': expected one of layout, shard, curate, tokenizer, emit, train"),
     (["model.num_layerz=2"], "model.num_layerz"),
     (["--input", "/no/such/corpus.jsonl"], "--input /no/such/corpus.jsonl: no such file"),
 ])

@@ -1,0 +1,287 @@
+"""A data recipe: which sources, how each becomes text, how they mix, and how the result is curated.
+
+A recipe is the ``data:`` section of seed 000, in its own YAML/JSON file or inside a preset or
+training config. It is validated whole before any work starts, and every error is one line naming
+the file and the key (``recipe.yaml: data.source_weights: 3 weights for 2 sources``).
+Registry names (``wikipedia``) are resolved here into the same :class:`SourceConfig` a custom
+``{type: hf, ...}`` entry gives, so everything after this module sees one kind of source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sharder.errors import ShardError
+from sharder.registry import Registry, load_registry
+from training.config import ConfigError, format_validation_error, read_config_file
+
+RECIPE_VERSION = 1
+MIX_STRATEGIES = ("round_robin", "sequential", "weighted")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceConfig(_Strict):
+    """One source after resolution: a hub dataset, local files, or a folder of PDFs.
+
+    ``fields`` + ``format`` build the text from several columns (Q&A); otherwise ``text_field`` is
+    the text. ``limit`` caps the documents taken from this source (after ``min_text_length``).
+    """
+
+    type: Literal["hf", "files", "pdf"]
+    name: str | None = None
+    dataset: str | None = None
+    config: str | None = None
+    split: str = "train"
+    path: str | None = None
+    text_field: str = "text"
+    fields: list[str] | None = None
+    format: str | None = None
+    limit: int | None = Field(None, ge=1)
+    chunk_chars: int = Field(4000, ge=200, description="PDF chunk target (cut at paragraph ends, 3-5k by default)")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "SourceConfig":
+        if self.type == "hf" and not self.dataset:
+            raise ValueError("type hf needs 'dataset'")
+        if self.type in ("files", "pdf") and not self.path:
+            raise ValueError(f"type {self.type} needs 'path'")
+        if (self.fields is None) != (self.format is None):
+            raise ValueError("'fields' and 'format' go together (format: \"Q: {question}\\nA: {answer}\")")
+        if self.format is not None:
+            named = {f for _, f, _, _ in string.Formatter().parse(self.format) if f}
+            unknown = sorted(named - set(self.fields or []))
+            if unknown:
+                raise ValueError(f"format uses {', '.join(unknown)} which is not in fields {self.fields}")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The name reports and the manifest use for this source."""
+        if self.name:
+            return self.name
+        if self.type == "hf":
+            return self.dataset + (f"/{self.config}" if self.config else "")
+        return Path(self.path or "").name or str(self.path)
+
+
+class DedupConfig(_Strict):
+    """Exact (normalised-text hash) and MinHash near-duplicate removal; defaults are FineWeb's."""
+
+    exact: bool = True
+    minhash: bool = True
+    n_grams: int = Field(5, ge=1)
+    buckets: int = Field(14, ge=1)
+    hashes_per_bucket: int = Field(8, ge=1)
+    seed: int = 1
+
+
+class PerplexityConfig(_Strict):
+    """Score each document with a reference model; drop by ``max_perplexity`` or ``drop_percentile``."""
+
+    checkpoint: str | None = None  # a podtrain checkpoint directory (holding <tag>.safetensors)
+    tag: str = "final"
+    tokenizer: str | None = None  # tokenizer.json for the checkpoint
+    kenlm_model: str | None = None  # a KenLM .arpa/.bin, used when given
+    max_perplexity: float | None = Field(None, gt=0)
+    drop_percentile: float | None = Field(None, gt=0, lt=100)
+    max_tokens: int = Field(512, ge=8, description="tokens scored per document")
+
+    @model_validator(mode="after")
+    def _one_model_one_rule(self) -> "PerplexityConfig":
+        if (self.checkpoint is None) == (self.kenlm_model is None):
+            raise ValueError("give exactly one of 'checkpoint' or 'kenlm_model'")
+        if self.checkpoint is not None and self.tokenizer is None:
+            raise ValueError("'checkpoint' needs 'tokenizer' (the tokenizer.json it was trained with)")
+        if (self.max_perplexity is None) == (self.drop_percentile is None):
+            raise ValueError("give exactly one of 'max_perplexity' or 'drop_percentile'")
+        return self
+
+
+class CurateConfig(_Strict):
+    """The curate stage: dedup, named quality filters (with their options), perplexity filter."""
+
+    dedup: DedupConfig | None = None
+    quality: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    perplexity: PerplexityConfig | None = None
+    tasks: int = Field(1, ge=1, description="datatrove tasks (parallel workers) for each step")
+
+    @field_validator("quality", mode="before")
+    @classmethod
+    def _names_as_list(cls, value: Any) -> Any:
+        """``quality: [gopher_quality, c4]`` is ``quality: {gopher_quality: {}, c4: {}}``."""
+        if isinstance(value, list):
+            return {str(name): {} for name in value}
+        return {k: (v or {}) for k, v in value.items()} if isinstance(value, dict) else value
+
+    @field_validator("quality")
+    @classmethod
+    def _known_filters(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from sharder.curate.quality import QUALITY_FILTERS
+
+        for name in value:
+            if name not in QUALITY_FILTERS:
+                raise ValueError(f"unknown quality filter {name!r} (known: {', '.join(QUALITY_FILTERS)})")
+        return value
+
+    @property
+    def active(self) -> bool:
+        return bool(self.dedup or self.quality or self.perplexity)
+
+
+class DataSection(_Strict):
+    """The ``data:`` section as users write it."""
+
+    sources: list[Union[str, dict[str, Any]]] = Field(default_factory=list)  # names or SourceConfig mappings
+    custom_sources: list[dict[str, Any]] = Field(default_factory=list)  # SourceConfig mappings
+    registry: str | None = None
+    mix_strategy: Literal["round_robin", "sequential", "weighted"] = "round_robin"
+    source_weights: list[float] | None = None
+    limits: dict[str, int] = Field(default_factory=dict)
+    min_text_length: int = Field(1, ge=0)
+    stop: Literal["first_exhausted", "all_exhausted"] | None = None
+    seed: int = 0
+    curate: CurateConfig | None = None
+
+    @field_validator("source_weights")
+    @classmethod
+    def _positive(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or any(w <= 0 for w in value)):
+            raise ValueError("weights must be positive numbers")
+        return value
+
+
+class _Recipe(_Strict):
+    """The ``data:`` key around a section, so error paths read ``data.mix_strategy``."""
+
+    data: DataSection
+
+
+class Recipe(BaseModel):
+    """A validated recipe: resolved sources in mixing order, plus the mixing and curation settings."""
+
+    path: str
+    sources: list[SourceConfig]
+    mix_strategy: str
+    weights: list[float] | None
+    min_text_length: int
+    stop: str  # first_exhausted | all_exhausted (never repeats a document)
+    seed: int
+    curate: CurateConfig | None
+
+    @property
+    def labels(self) -> list[str]:
+        return [s.label for s in self.sources]
+
+    def mix_settings(self) -> dict[str, Any]:
+        """Everything that decides the mixed stream (what the sharder's fingerprint covers)."""
+        return {
+            "version": RECIPE_VERSION,
+            "sources": [s.model_dump(exclude_none=True) for s in self.sources],
+            "mix_strategy": self.mix_strategy,
+            "weights": self.weights,
+            "min_text_length": self.min_text_length,
+            "stop": self.stop,
+            "seed": self.seed,
+        }
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.mix_settings(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's ``source`` for a mixed run: the fingerprint and what it covers."""
+        return {"type": "recipe", "fingerprint": self.fingerprint(), **self.mix_settings()}
+
+
+def _custom(item: dict[str, Any], where: str) -> SourceConfig:
+    """A custom source mapping, its errors prefixed with where it sits (``r.yaml: data.sources[1]``)."""
+    try:
+        return SourceConfig.model_validate(item)
+    except ValidationError as exc:
+        file, key = where.split(": ", 1)
+        parts = []
+        for err in exc.errors():  # format_validation_error's wording, with the key path under ``key``
+            one = format_validation_error(ValidationError.from_exception_data(exc.title, [err]), "")[2:]
+            parts.append(f"{key}.{one}" if err["loc"] else f"{key}: {one}")
+        raise ShardError(f"{file}: " + "; ".join(parts)) from None
+
+
+def _resolve(section: DataSection, registry: Registry, where: str) -> list[SourceConfig]:
+    resolved: list[SourceConfig] = []
+    for i, item in enumerate(section.sources):
+        here = f"{where}: data.sources[{i}]"
+        resolved.append(registry.source(item, here) if isinstance(item, str) else _custom(item, here))
+    resolved.extend(_custom(item, f"{where}: data.custom_sources[{i}]") for i, item in enumerate(section.custom_sources))
+    if not resolved:
+        raise ShardError(f"{where}: data.sources: no source (name one from the registry or add data.custom_sources)")
+    seen: dict[str, int] = {}
+    for i, src in enumerate(resolved):
+        if src.label in seen:
+            raise ShardError(f"{where}: data.sources: {src.label!r} appears twice; give one a distinct 'name'")
+        seen[src.label] = i
+    for name, limit in section.limits.items():
+        if name not in seen:
+            raise ShardError(f"{where}: data.limits.{name}: no such source (sources: {', '.join(seen)})")
+        if limit < 1:
+            raise ShardError(f"{where}: data.limits.{name}: must be at least 1 (got {limit})")
+        resolved[seen[name]] = resolved[seen[name]].model_copy(update={"limit": limit})
+    return resolved
+
+
+def recipe_from_mapping(data: dict[str, Any], where: str, base: Path) -> Recipe:
+    """Validate a ``data:`` section (``where`` names its file; relative paths resolve from ``base``)."""
+    try:
+        section = _Recipe.model_validate({"data": data}).data
+    except ValidationError as exc:
+        raise ShardError(format_validation_error(exc, where)) from None
+    registry_file = None
+    if section.registry:
+        registry_file = Path(section.registry)
+        registry_file = registry_file if registry_file.is_absolute() else base / registry_file
+    registry = load_registry(registry_file)
+    sources = _resolve(section, registry, where)
+    sources = [
+        s.model_copy(update={"path": str(base / s.path)}) if s.path and not Path(s.path).is_absolute() else s
+        for s in sources
+    ]
+    if section.mix_strategy == "weighted":
+        if section.source_weights is None:
+            raise ShardError(f"{where}: data.source_weights: required by mix_strategy weighted")
+        if len(section.source_weights) != len(sources):
+            raise ShardError(
+                f"{where}: data.source_weights: {len(section.source_weights)} weights for {len(sources)} sources "
+                f"({', '.join(s.label for s in sources)})"
+            )
+    elif section.source_weights is not None:
+        raise ShardError(f"{where}: data.source_weights: only used by mix_strategy weighted (got {section.mix_strategy})")
+    stop = section.stop or ("first_exhausted" if section.mix_strategy == "weighted" else "all_exhausted")
+    weights = None
+    if section.source_weights:
+        total = sum(section.source_weights)
+        weights = [w / total for w in section.source_weights]
+    return Recipe(
+        path=where, sources=sources, mix_strategy=section.mix_strategy, weights=weights,
+        min_text_length=section.min_text_length, stop=stop, seed=section.seed, curate=section.curate,
+    )
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe file: its ``data:`` section (a preset or training config) or the whole file."""
+    path = Path(path)
+    try:
+        raw = read_config_file(path)
+    except ConfigError as exc:
+        raise ShardError(f"--data {exc}") from None
+    data = raw.get("data", raw) if isinstance(raw.get("data"), dict) else raw
+    if "data" in raw and not isinstance(raw["data"], dict):
+        raise ShardError(f"{path}: data: must be a mapping (sources, mix_strategy, ...)")
+    return recipe_from_mapping(data, str(path), path.resolve().parent)

@@ -92,7 +92,7 @@ def main() -> None:
     """Dispatch ``pod``/``tokenizer`` sub-commands; everything else is the pipeline (which takes key=value)."""
     args = sys.argv[1:]
     if args and args[0] == "pod":
-        from orchestrator.pod_cli import app as pod_app
+        from orchestrator.pods.cli import app as pod_app
 
         pod_app(args=args[1:], prog_name="orchestrate pod")
     elif args and args[0] == "tokenizer":

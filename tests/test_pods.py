@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from fake_runpod import Enum, FakeRunPod, parse
-from orchestrator.pod_manifest import ManifestError, PodManifest, load_manifest
+from orchestrator.pods.manifest import ManifestError, PodManifest, load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "infra" / "runpod-pod.yaml"
@@ -53,7 +53,7 @@ def _cli(tmp_path: Path, api: FakeRunPod, *args: str, key: str = KEY) -> Run:
     env.update(HOME=str(home), RUNPOD_API_BASE_URL=api.url)
     if key:
         env["RUNPOD_API_KEY"] = key
-    result = subprocess.run([sys.executable, "-m", "orchestrator.pod_cli", *args], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "orchestrator.pods.cli", *args], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=60)
     assert KEY not in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
@@ -291,7 +291,7 @@ def sdk_env(api: FakeRunPod, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_spot_mutation_is_the_sdk_mutation_plus_a_bid(sdk_env: FakeRunPod, tmp_path: Path) -> None:
-    from orchestrator import pods
+    from orchestrator.pods import api as pods
 
     manifest = _load(tmp_path, lambda d: d.update(spot=True, bidPerGpu=1.25))
     spot = pods.resolve_request(manifest)
@@ -307,7 +307,7 @@ def test_spot_mutation_is_the_sdk_mutation_plus_a_bid(sdk_env: FakeRunPod, tmp_p
 
 def test_sdk_failures_become_one_line_pod_errors(sdk_env: FakeRunPod, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator import pods
+    from orchestrator.pods import api as pods
 
     with pytest.raises(pods.PodError, match=r"gpuType: RunPod has no GPU type 'NVIDIA B9000'"):
         pods.create_pod(_load(tmp_path, lambda d: d.update(gpuType="NVIDIA B9000")))

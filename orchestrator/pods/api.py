@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from orchestrator.pod_manifest import (
+from orchestrator.pods.manifest import (
     PodManifest,
     is_secret_name,
     is_secret_reference,

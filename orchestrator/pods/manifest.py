@@ -259,7 +259,7 @@ def _check_config_path(path: str, value: str) -> None:
         return  # a config elsewhere on the volume: only the pod can see it
     if ".." in config.parts:
         raise _KeyedError(path, f"{value!r} must stay inside the project (no '..')")
-    project = Path(__file__).resolve().parents[1]
+    project = Path(__file__).resolve().parents[2]
     configs = project / "configs"
     if configs.is_dir() and not (project / config).is_file():
         known = ", ".join(sorted(f"configs/{p.name}" for p in configs.glob("*.yaml")))

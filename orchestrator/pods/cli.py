@@ -2,7 +2,7 @@
 
 runpodctl has no manifest flag (`runpodctl create pod -f` does not exist) and no port-forward, so
 this is the command the seed's quickstart needed. Mounted by the main CLI as `orchestrate pod`;
-runnable alone as `python -m orchestrator.pod_cli`. Every failure is one line on stderr and exit 1.
+runnable alone as `python -m orchestrator.pods.cli`. Every failure is one line on stderr and exit 1.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator import pods
-from orchestrator.pod_manifest import ManifestError, load_manifest
+from orchestrator.pods import api as pods
+from orchestrator.pods.manifest import ManifestError, load_manifest
 
 F = TypeVar("F", bound=Callable[..., Any])
 PodId = Annotated[str, typer.Argument(metavar="ID", help="A pod id, as `list` shows it.")]

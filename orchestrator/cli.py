@@ -95,6 +95,10 @@ def main() -> None:
         from orchestrator.pods.cli import app as pod_app
 
         pod_app(args=args[1:], prog_name="orchestrate pod")
+    elif args and args[0] == "volume":
+        from orchestrator.pods.cli import volume_app
+
+        volume_app(args=args[1:], prog_name="orchestrate volume")
     elif args and args[0] == "tokenizer":
         from orchestrator.tokenizer_cli import app as tokenizer_app
 

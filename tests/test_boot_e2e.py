@@ -159,7 +159,7 @@ def reference(world: dict) -> dict[int, float]:
         status = _end(proc)
     out = log.read_text()
     assert status == 143, out[-4000:]  # parked after the stop until RunPod ends the container
-    assert f"bootstrap: file://{world['repo']} at {world['v1']} is {world['v1'][:7]}" in out
+    assert f"bootstrap: RUN_REF {world['v1']} is {world['v1'][:7]}" in out
     assert _stages(out) == STAGE_ORDER, out[-4000:]
     assert "boot finished: training is complete" in out
     assert f"halt: stopping pod {pod_id}" in out
@@ -214,7 +214,7 @@ def test_a_preempted_spot_pod_resumes_and_matches_the_uninterrupted_losses(
     finally:
         _end(second)
     out = second_log.read_text()
-    assert "bootstrap: file://" in out and " at v2 is " in out
+    assert "bootstrap: RUN_REF v2 is " in out
     assert _stages(out) == STAGE_ORDER
     assert "[stage] tokenizer: done earlier with the same inputs, skipped" in out
     assert f"at step {tags[-1]}" in out and "resumed from" in out

@@ -69,6 +69,13 @@ def _cli(tmp_path: Path, api: FakeRunPod, *args: str, key: str = KEY, bin_dir: P
     return result
 
 
+def _use_fake(api: FakeRunPod, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point this process's SDK at the fake (HOME first: the SDK reads its config at import)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("RUNPOD_API_BASE_URL", api.url)
+    monkeypatch.setenv("RUNPOD_API_KEY", KEY)
+
+
 def _one_error_line(result: Run) -> str:
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
@@ -245,15 +252,21 @@ def test_status_and_logs_read_the_pod_over_ssh(api: FakeRunPod, tmp_path: Path,
     last = (tmp_path / "ssh.args").read_text().splitlines()[-1]
     assert last == "tail -n 20 -F /workspace/runs/exp1/boot.log"
 
-    api.pods[pod["id"]]["runtime"] = None  # not running: no SSH address yet
-    line = _one_error_line(_cli(tmp_path, api, "logs", pod["id"], bin_dir=bin_dir))
-    assert "no direct SSH yet" in line
-    assert "not available" in _cli(tmp_path, api, "status", pod["id"], bin_dir=bin_dir).stdout
-    assert _one_error_line(_cli(tmp_path, api, "status", "nope")).startswith(
-        "error: 'nope': no pod with that id or name")
+    # A pod that does not run yet has no SSH address: logs says so, status shows the rest.
+    _use_fake(api, tmp_path, monkeypatch)
+    from orchestrator.pods import api as pods, remote
+
+    api.pods[pod["id"]]["runtime"] = None
+    waiting = pods.find_pod(pod["id"])
+    with pytest.raises(pods.PodError, match="no direct SSH yet"):
+        remote.boot_log_command(waiting, 10, follow=False)
+    assert remote.last_logged_step(waiting) is None
+    with pytest.raises(pods.PodError, match="'nope': no pod with that id or name"):
+        pods.find_pod("nope")
 
 
-def test_volume_create_and_list(api: FakeRunPod, tmp_path: Path) -> None:
+def test_volume_create_and_list(api: FakeRunPod, tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
     created = _cli(tmp_path, api, "volume", "create", "--name", 'data "2"', "--size", "500",
                    "--data-center", "EU-RO-1")
     assert created.returncode == 0, created.stderr
@@ -261,8 +274,10 @@ def test_volume_create_and_list(api: FakeRunPod, tmp_path: Path) -> None:
     assert request.input == {"name": 'data "2"', "size": 500, "dataCenterId": "EU-RO-1"}
     volume_id = api.volumes[-1]["id"]
     assert f"volumeMounts[0].volumeName: {volume_id}" in created.stdout
-    listed = json.loads(_cli(tmp_path, api, "volume", "list", "--json").stdout)
-    assert [v["id"] for v in listed] == [VOLUME, volume_id]
+    _use_fake(api, tmp_path, monkeypatch)
+    from orchestrator.pods import api as pods
+
+    assert [v["id"] for v in pods.list_volumes()] == [VOLUME, volume_id]
 
 
 def test_a_bad_api_key_is_one_line_and_exit_1(api: FakeRunPod, tmp_path: Path) -> None:
@@ -312,24 +327,29 @@ def test_a_token_anywhere_is_refused_before_anything_is_sent(
     assert api.requests == []
 
 
-def test_a_second_pod_for_a_running_experiment_is_refused(api: FakeRunPod, tmp_path: Path) -> None:
+def test_a_second_pod_for_a_running_experiment_is_refused(
+    api: FakeRunPod, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     twin = api.add_pod(name="podtrain-runpod-1b", env=[
         {"key": "RUN_EXPERIMENT", "value": "runpod-1b"}, {"key": "RUN_VOLUME_ID", "value": VOLUME}])
-    path = str(_manifest(tmp_path))
-    line = _one_error_line(_cli(tmp_path, api, "create", "-f", path))
+    path = _manifest(tmp_path)
+    line = _one_error_line(_cli(tmp_path, api, "create", "-f", str(path)))
     assert f"pod {twin['id']} (podtrain-runpod-1b, RUNNING) already runs experiment 'runpod-1b' " \
            f"on volume {VOLUME}" in line and "--force" in line
     assert not api.find("podFindAndDeployOnDemand") and len(api.pods) == 1
 
-    # Another experiment on the same volume is fine, and so is this one once the twin is stopped.
-    other = _cli(tmp_path, api, "create", "-f", path, "--experiment", "runpod-2b")
-    assert other.returncode == 0, other.stderr
+    # In process from here (the same HTTP): another experiment on the volume is fine, so is this
+    # one with --force, and so is this one once the twin is stopped.
+    _use_fake(api, tmp_path, monkeypatch)
+    from orchestrator.pods import api as pods
+
+    manifest = load_manifest(path)
+    pods.create_pod(manifest.with_overrides(experiment="runpod-2b"))
+    pods.create_pod(manifest, force=True)
     api.pods[twin["id"]]["desiredStatus"] = "EXITED"
-    again = _cli(tmp_path, api, "create", "-f", path)
-    assert again.returncode == 0, again.stderr
-    # --force creates it even while a twin runs.
-    forced = _cli(tmp_path, api, "create", "-f", path, "--force")
-    assert forced.returncode == 0, forced.stderr
+    api.pods.pop(next(i for i, p in api.pods.items() if p["name"] == "podtrain-runpod-1b"
+                      and i != twin["id"]))
+    pods.create_pod(manifest)
     assert len(api.find("podFindAndDeployOnDemand")) == 3
 
 
@@ -454,9 +474,7 @@ def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
 
 @pytest.fixture
 def sdk_env(api: FakeRunPod, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeRunPod:
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("RUNPOD_API_BASE_URL", api.url)
-    monkeypatch.setenv("RUNPOD_API_KEY", KEY)
+    _use_fake(api, tmp_path, monkeypatch)
     return api
 
 

@@ -23,7 +23,7 @@ from orchestrator.stages import STAGE_NAMES, StageFailed, summary_table
 
 EXIT_USAGE = 2
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help=__doc__ + "\nSub-commands: `orchestrate pod --help`, `orchestrate tokenizer --help`.")
+                  help=__doc__ + "\nSub-commands: `orchestrate pod --help`, `orchestrate volume --help`, `orchestrate tokenizer --help`.")
 
 
 def _run_shard_env() -> bool | None:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 BOOT = Path(__file__).resolve().parents[1] / "infra" / "boot.sh"
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ boot: ", re.MULTILINE)
@@ -345,3 +346,19 @@ def test_an_unresolved_secret_reference_is_unset_with_one_warning(pod: dict) -> 
     assert "HF token: unset" in result.stdout
     seen = Path(pod["env"]["FAKE_LOG"] + ".env").read_text()
     assert "RUNPOD_SECRET" not in seen and "HF_TOKEN=" not in seen
+
+
+def test_a_repository_that_cannot_be_fetched_stops_the_pod(pod: dict) -> None:
+    """The manifest's start command itself: no clone, no checkout, so no idle GPU either."""
+    command = yaml.safe_load((BOOT.parent / "runpod-pod.yaml").read_text())["command"]
+    env = {**pod["env"], "RUN_REPO": f"file://{pod['tmp']}/no-such-repo.git", "RUN_REF": "v1",
+           "PODTRAIN_PROJECT": str(pod["tmp"] / "volume" / "transformer"),
+           "RUNPOD_POD_ID": "abc123pod"}
+    proc = subprocess.Popen(["bash", "-c", command], env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_for_call(pod, "runpodctl pod stop abc123pod", proc)
+    assert proc.poll() is None  # asleep until RunPod stops it: no exit, so no restart loop
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=20)
+    assert "bootstrap: cannot fetch RUN_REPO or check out RUN_REF v1" in out

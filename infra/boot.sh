@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The pod's boot: install podtrain, then four stages, each logged with a timestamp to the pod log
-# (stdout) and to <root>/runs/$RUN_EXPERIMENT/boot.log on the volume.
+# (stdout) and to <root>/runs/$RUN_EXPERIMENT/boot.log on the volume. The manifest's start command
+# (infra/runpod-pod.yaml) has already cloned or updated RUN_REPO at RUN_REF into $PODTRAIN_PROJECT;
+# the Dockerfile image runs this script from /opt/podtrain instead.
 #
 #   0 install    podtrain from the volume checkout (pip install -e) unless the image has it
 #   1 prep       the /workspace layout, with the experiment's subfolders
@@ -19,11 +21,23 @@
 # delete BOOT_FAILED. SIGTERM/SIGINT (a spot preemption, `pod stop`) go to the running stage and
 # are not failures: the next boot resumes.
 #
+# Watchdog: while training runs, a step must reach runs/$RUN_EXPERIMENT/checkpoints/metrics.jsonl
+# at least every BOOT_WATCHDOG_MINUTES (30; 0 turns it off). Otherwise (a hung trainer, an NCCL
+# deadlock) the trainer gets SIGTERM (it checkpoints when it can), SIGKILL BOOT_WATCHDOG_KILL_S
+# (120) seconds later if it is still there, boot.log says why, and the boot halts (the pod stops) instead of billing a hang.
+#
+# Spot: RUN_PREEMPTION_GRACE_S (set to 5 by `orchestrate pod create` for spot: true) is passed to
+# the trainer as the override preemption_grace_s=<s>.
+#
+# Secrets: RunPod leaves a `{{ RUNPOD_SECRET_name }}` reference as the literal text when no such
+# secret exists; such variables are unset here (one warning line), so e.g. a literal HF_TOKEN
+# never turns public downloads into 401s.
+#
 # Knobs: RUN_SHARD (0) RUN_EXPERIMENT (runpod-1b) RUN_CONFIG (configs/runpod_1b.yaml)
 # SHARD_LINES (250000) RUN_INPUT (local corpus for the sharder; default: the FineWeb hub dataset
-# RUN_FINEWEB_NAME, sample-10BT) PODTRAIN_WORKSPACE (/workspace) PODTRAIN_PROJECT
-# (/workspace/transformer) BOOT_HALT BOOT_RETRY BOOT_START_SCRIPT (/start.sh, the RunPod image's
-# SSH/Jupyter starter, launched in the background).
+# RUN_FINEWEB_NAME, sample-10BT) RUN_PREEMPTION_GRACE_S PODTRAIN_WORKSPACE (/workspace)
+# PODTRAIN_PROJECT (/workspace/transformer) BOOT_HALT BOOT_RETRY BOOT_WATCHDOG_MINUTES (30)
+# BOOT_START_SCRIPT (/start.sh, the RunPod image's SSH/Jupyter starter, launched in the background).
 set -euo pipefail
 
 ROOT="${PODTRAIN_WORKSPACE:-/workspace}"
@@ -33,11 +47,14 @@ RUN_EXPERIMENT="${RUN_EXPERIMENT:-runpod-1b}"
 RUN_CONFIG="${RUN_CONFIG:-configs/runpod_1b.yaml}"
 SHARD_LINES="${SHARD_LINES:-250000}"
 BOOT_HALT="${BOOT_HALT:-stop}"
+BOOT_WATCHDOG_MINUTES="${BOOT_WATCHDOG_MINUTES:-30}"
+BOOT_WATCHDOG_KILL_S="${BOOT_WATCHDOG_KILL_S:-120}"
 RUN_DIR="$ROOT/runs/$RUN_EXPERIMENT"
 BOOT_LOG="$RUN_DIR/boot.log"
 FAILED_MARKER="$RUN_DIR/BOOT_FAILED"
 CHILD=""
 INTERRUPTED=""
+WATCHDOG_FIRED=""
 TB_PID=""
 
 log() { printf '%s boot: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*"; }
@@ -49,12 +66,18 @@ halt() {
     log "halt: exiting with status $status (BOOT_HALT=exit)"
     exit "$status"
   fi
-  if [[ "$BOOT_HALT" == stop && -n "${RUNPOD_POD_ID:-}" ]] && command -v runpodctl >/dev/null; then
-    log "halt: stopping pod $RUNPOD_POD_ID so it bills no more GPU time (volume kept)"
-    runpodctl pod stop "$RUNPOD_POD_ID" || runpodctl stop pod "$RUNPOD_POD_ID" \
-      || log "halt: runpodctl could not stop the pod; parking instead"
+  # Every pod ships runpodctl with a pod-scoped key; without it, the same key through podtrain.
+  if [[ "$BOOT_HALT" == stop && -n "${RUNPOD_POD_ID:-}" ]]; then
+    if command -v runpodctl >/dev/null; then
+      log "halt: stopping pod $RUNPOD_POD_ID so it bills no more GPU time (volume kept)"
+      runpodctl pod stop "$RUNPOD_POD_ID" || runpodctl stop pod "$RUNPOD_POD_ID" \
+        || log "halt: runpodctl could not stop the pod; parking instead"
+    elif [[ -n "${RUNPOD_API_KEY:-}" ]] && command -v orchestrate >/dev/null; then
+      log "halt: stopping pod $RUNPOD_POD_ID so it bills no more GPU time (volume kept)"
+      orchestrate pod stop "$RUNPOD_POD_ID" || log "halt: could not stop the pod; parking instead"
+    fi
   fi
-  log "halt: parked; the pod stays up for inspection until stopped (runpodctl pod stop <id>)"
+  log "halt: parked; the pod stays up for inspection until stopped (orchestrate pod stop <id>)"
   sleep infinity >/dev/null 2>&1 &
   CHILD=$!
   wait "$CHILD" || true
@@ -81,6 +104,11 @@ trap stop_tensorboard EXIT
 run_child() {
   "$@" &
   CHILD=$!
+  wait_child
+}
+
+# Wait for $CHILD and return its status.
+wait_child() {
   local status=0
   while :; do
     status=0
@@ -92,6 +120,52 @@ run_child() {
   done
   CHILD=""
   return "$status"
+}
+
+mtime() { stat -c %Y "$1" 2>/dev/null || echo 0; }
+
+# The training run under the progress watchdog (see the header). It runs in a session of its own
+# so that SIGKILL reaches the trainer under orchestrate too; SIGTERM still goes to orchestrate,
+# which passes it on. Returns the run's status, or 124 when the watchdog stopped it.
+run_watched() {
+  local limit progress="$RUN_DIR/checkpoints/metrics.jsonl"
+  limit=$(awk -v m="$BOOT_WATCHDOG_MINUTES" 'BEGIN { printf "%d", m * 60 }')
+  if ((limit <= 0)); then
+    run_child "$@"
+    return
+  fi
+  setsid "$@" &
+  CHILD=$!
+  local started=$SECONDS start_clock last now
+  start_clock=$(date +%s)
+  while kill -0 "$CHILD" 2>/dev/null && [[ -z "$INTERRUPTED" ]]; do
+    sleep 1 &
+    wait $! 2>/dev/null || true  # a trap interrupts this wait at once
+    last=$(mtime "$progress")
+    ((last < start_clock)) && last=$start_clock
+    now=$(date +%s)
+    if ((now - last >= limit)) && [[ -z "$INTERRUPTED" ]]; then
+      log "watchdog: no training step logged to $progress for ${BOOT_WATCHDOG_MINUTES} min" \
+        "(BOOT_WATCHDOG_MINUTES): the trainer is hung; SIGTERM to it (it checkpoints if it can)," \
+        "then the pod stops"
+      kill -TERM "$CHILD" 2>/dev/null || true
+      local waited=0
+      while kill -0 "$CHILD" 2>/dev/null && ((waited < BOOT_WATCHDOG_KILL_S)); do
+        sleep 1
+        waited=$((waited + 1))
+      done
+      if kill -0 "$CHILD" 2>/dev/null; then
+        log "watchdog: still running ${BOOT_WATCHDOG_KILL_S}s after SIGTERM: SIGKILL"
+        kill -KILL -- "-$CHILD" 2>/dev/null || true
+      fi
+      wait "$CHILD" 2>/dev/null || true
+      CHILD=""
+      WATCHDOG_FIRED=1
+      log "watchdog: training stopped after $((SECONDS - started))s in the stage"
+      return 124
+    fi
+  done
+  wait_child
 }
 
 settings_fingerprint() {
@@ -113,15 +187,21 @@ fail() {  # stage, status, message
   halt "$2"
 }
 
-run_stage() {  # name, command...
-  local name=$1 start=$SECONDS status=0
+run_stage() {  # name, command...  (the train stage runs under the watchdog)
+  local name=$1 start=$SECONDS status=0 runner=run_child
   shift
+  [[ "$name" == train ]] && runner=run_watched
   log "stage $name: start: $*"
-  run_child "$@" || status=$?
+  "$runner" "$@" || status=$?
   if [[ -n "$INTERRUPTED" ]]; then
     log "stage $name: interrupted by SIG$INTERRUPTED after $((SECONDS - start))s; the next boot resumes"
     [[ "$INTERRUPTED" == INT ]] && exit 130
     exit 143
+  fi
+  if [[ -n "$WATCHDOG_FIRED" ]]; then
+    # Not BOOT_FAILED: a hang can be transient, and the next boot resumes from the checkpoint.
+    log "stage $name: stopped by the watchdog; halting so the pod bills no more"
+    halt 124
   fi
   if ((status != 0)); then
     fail "$name" "$status" "exit status $status from: $*"
@@ -132,6 +212,15 @@ run_stage() {  # name, command...
 # -- knobs are checked before anything is written ------------------------------------------
 if [[ ! "$RUN_EXPERIMENT" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; then
   log "RUN_EXPERIMENT='$RUN_EXPERIMENT' is not a folder name (letters, digits, . _ -)"
+  halt 2
+fi
+if [[ ! "$BOOT_WATCHDOG_MINUTES" =~ ^[0-9]+(\.[0-9]+)?$ || ! "$BOOT_WATCHDOG_KILL_S" =~ ^[0-9]+$ ]]; then
+  log "BOOT_WATCHDOG_MINUTES='$BOOT_WATCHDOG_MINUTES' must be a number of minutes (0: off)," \
+    "BOOT_WATCHDOG_KILL_S='$BOOT_WATCHDOG_KILL_S' a whole number of seconds"
+  halt 2
+fi
+if [[ -n "${RUN_PREEMPTION_GRACE_S:-}" && ! "$RUN_PREEMPTION_GRACE_S" =~ ^[0-9]+(\.[0-9]+)?$ ]]; then
+  log "RUN_PREEMPTION_GRACE_S='$RUN_PREEMPTION_GRACE_S' must be a number of seconds"
   halt 2
 fi
 case "$BOOT_HALT" in stop | park | exit) ;; *)
@@ -145,10 +234,25 @@ mkdir -p "$RUN_DIR"
 exec > >(tee -a "$BOOT_LOG") 2>&1
 
 log "---- boot of experiment $RUN_EXPERIMENT (pod ${RUNPOD_POD_ID:-none}, workspace $ROOT) ----"
+unresolved=()
+while IFS= read -r name; do
+  if [[ "${!name}" =~ ^[[:space:]]*\{\{[[:space:]]*RUNPOD_SECRET_ ]]; then
+    unresolved+=("$name")
+    unset "$name"
+  fi
+done < <(compgen -e)
+if ((${#unresolved[@]})); then
+  log "warning: unset ${unresolved[*]}: RunPod left the secret reference unresolved (no such" \
+    "secret in the console's Secrets?); continuing without it"
+fi
 hf_token_state="unset"  # only whether it is set: a token value is never logged
 [[ -n "${HF_TOKEN:-}${HUGGINGFACEHUB_API_TOKEN:-}" ]] && hf_token_state="set"
 log "knobs: RUN_SHARD=$RUN_SHARD RUN_CONFIG=$RUN_CONFIG SHARD_LINES=$SHARD_LINES" \
-  "RUN_INPUT=${RUN_INPUT:-<hub ${RUN_FINEWEB_NAME:-sample-10BT}>} HF token: $hf_token_state"
+  "RUN_INPUT=${RUN_INPUT:-<hub ${RUN_FINEWEB_NAME:-sample-10BT}>} HF token: $hf_token_state" \
+  "watchdog: ${BOOT_WATCHDOG_MINUTES} min grace: ${RUN_PREEMPTION_GRACE_S:-config}"
+if git -C "$PROJECT" rev-parse --git-dir >/dev/null 2>&1; then
+  log "code: $PROJECT at $(git -C "$PROJECT" rev-parse --short HEAD) (RUN_REF=${RUN_REF:-unset})"
+fi
 if command -v nvidia-smi >/dev/null; then
   log "gpus: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | paste -sd ';')"
 fi
@@ -230,6 +334,9 @@ fi
 # -- 3 tokenizer + emit --------------------------------------------------------------------
 orchestrate_args=(--mode cloud --workspace "$ROOT" --experiment "$RUN_EXPERIMENT"
   --config "$RUN_CONFIG" --train-shard-lines "$SHARD_LINES" --reuse-shards)
+if [[ -n "${RUN_PREEMPTION_GRACE_S:-}" ]]; then
+  orchestrate_args+=("preemption_grace_s=$RUN_PREEMPTION_GRACE_S")  # spot: RunPod's real window
+fi
 run_stage tokenizer orchestrate "${orchestrate_args[@]}" --stop-after emit
 
 # -- 4 train -------------------------------------------------------------------------------

@@ -1,13 +1,15 @@
 """A fake RunPod GraphQL API on 127.0.0.1, for running the real `runpod` SDK against in tests.
 
-The SDK posts `{"query": ...}` to `$RUNPOD_API_BASE_URL/graphql` with `Authorization: Bearer <key>`.
-This server parses that GraphQL for real (a small parser for the subset the SDK writes: operations,
-fields, arguments, strings with escapes, numbers, enums, lists, objects), so a request the SDK
-mangled (an unescaped quote in an env value) is a syntax error here as it is at RunPod. It records
-every request, keeps pods in memory, answers the operations podtrain uses (gpuTypes,
-myself{networkVolumes,pods}, podFindAndDeployOnDemand, podRentInterruptable, pod, podStop,
-podTerminate) with only the fields asked for, and can answer 401 (wrong key) or GraphQL errors
-(no capacity, unknown pod, missing bid) the way RunPod does.
+The SDK posts `{"query": ...}` to `$RUNPOD_API_BASE_URL/graphql` with `Authorization: Bearer <key>`;
+podtrain's writes post `{"query": ..., "variables": {...}}` the same way. This server parses that
+GraphQL for real (a small parser for the subset both write: operations with variable definitions,
+fields, arguments, `$variables`, strings with escapes, numbers, enums, lists, objects), so a request
+mangled by string formatting (an unescaped quote in an env value) is a syntax error here as it is
+at RunPod. It records every request, keeps pods and volumes in memory, answers the operations
+podtrain uses (gpuTypes, myself{networkVolumes,pods}, podFindAndDeployOnDemand,
+podRentInterruptable, pod, podStop, podTerminate, createNetworkVolume) with only the fields asked
+for, and can answer 401 (wrong key) or GraphQL errors (no capacity, unknown pod, missing bid) the
+way RunPod does.
 """
 
 from __future__ import annotations
@@ -29,8 +31,13 @@ DEPLOY_FIELDS = frozenset({
     "name", "imageName", "cloudType", "startSsh", "gpuTypeId", "supportPublicIp", "gpuCount",
     "volumeInGb", "minVcpuCount", "minMemoryInGb", "allowedCudaVersions", "dataCenterId",
     "dockerArgs", "countryCode", "containerDiskInGb", "ports", "volumeMountPath", "env",
-    "templateId", "networkVolumeId", "minDownload", "minUpload",
+    "templateId", "networkVolumeId", "minDownload", "minUpload", "stopAfter", "terminateAfter",
 })
+# The input type each mutation declares for `$input` in RunPod's schema.
+INPUT_TYPES = {"podFindAndDeployOnDemand": "PodFindAndDeployOnDemandInput",
+               "podRentInterruptable": "PodRentInterruptableInput",
+               "createNetworkVolume": "CreateNetworkVolumeInput"}
+_DATETIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 SPOT_FIELDS = DEPLOY_FIELDS | {"bidPerGpu"}
 
 
@@ -65,9 +72,11 @@ def _tokens(text: str) -> list[tuple[str, str]]:
 
 
 class _Parser:
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, variables: dict[str, Any]) -> None:
         self.tokens = _tokens(text)
         self.i = 0
+        self.variables = variables
+        self.declared: dict[str, str] = {}  # $name -> type, from the operation's definitions
 
     def peek(self) -> tuple[str, str]:
         return self.tokens[self.i] if self.i < len(self.tokens) else ("eof", "")
@@ -86,10 +95,27 @@ class _Parser:
             kind = self.take()[1]
             if self.peek()[0] == "name":
                 self.take()
+            if self.peek()[1] == "(":
+                self.variable_definitions()
         selection = self.selection_set()
         if self.peek()[0] != "eof":
             raise GraphQLSyntaxError(f"Syntax Error: Unexpected {self.peek()[1]!r}")
         return kind, selection
+
+    def variable_definitions(self) -> None:
+        """`($input: PodFindAndDeployOnDemandInput!, ...)`; list types are not needed here."""
+        self.take("(")
+        while self.peek()[1] != ")":
+            self.take("$")
+            name = self.take()[1]
+            self.take(":")
+            kind, type_name = self.take()
+            if kind != "name":
+                raise GraphQLSyntaxError(f"Syntax Error: Expected a type, found {type_name!r}")
+            if self.peek()[1] == "!":
+                self.take("!")
+            self.declared[name] = type_name
+        self.take(")")
 
     def selection_set(self) -> list[dict[str, Any]]:
         self.take("{")
@@ -126,6 +152,14 @@ class _Parser:
             return items
         if text == "{":
             return self.pairs("{", "}")
+        if text == "$":
+            self.take("$")
+            name = self.take()[1]
+            if name not in self.declared:
+                raise GraphQLSyntaxError(f'Variable "${name}" is not defined.')
+            if name not in self.variables:
+                raise GraphQLSyntaxError(f'Variable "${name}" of required type was not provided.')
+            return self.variables[name]
         self.take()
         if kind == "string":
             return json.loads(text)  # GraphQL string escapes are JSON's
@@ -136,9 +170,21 @@ class _Parser:
         raise GraphQLSyntaxError(f"Syntax Error: Unexpected {text!r}")
 
 
-def parse(text: str) -> tuple[str, list[dict[str, Any]]]:
+def parse(text: str, variables: dict[str, Any] | None = None) -> tuple[str, list[dict[str, Any]]]:
     """(operation kind, top-level fields) of a GraphQL document, or GraphQLSyntaxError."""
-    return _Parser(text).document()
+    return _Parser(text, variables or {}).document()
+
+
+def declared_types(text: str) -> dict[str, str]:
+    """The variable definitions of an operation: {"input": "PodFindAndDeployOnDemandInput"}."""
+    parser = _Parser(text, {})
+    if parser.peek()[1] in ("query", "mutation"):
+        parser.take()
+        if parser.peek()[0] == "name":
+            parser.take()
+        if parser.peek()[1] == "(":
+            parser.variable_definitions()
+    return parser.declared
 
 
 class QueryFailure(Exception):
@@ -151,6 +197,7 @@ class Request:
 
     query: str
     authorization: str
+    variables: dict[str, Any] = field(default_factory=dict)
     kind: str = ""
     operation: str = ""
     args: dict[str, Any] = field(default_factory=dict)
@@ -173,6 +220,8 @@ def _project(value: Any, fields: list[dict[str, Any]]) -> Any:
 GPU_TYPES = {
     "NVIDIA A100 80GB PCIe": {"displayName": "A100 PCIe", "memoryInGb": 80, "securePrice": 1.64,
                               "communityPrice": 1.19, "secureSpotPrice": 0.82, "minBid": 0.6},
+    "NVIDIA A100-SXM4-80GB": {"displayName": "A100 SXM", "memoryInGb": 80, "securePrice": 1.89,
+                              "communityPrice": 1.39, "secureSpotPrice": 0.95, "minBid": 0.7},
     "NVIDIA H100 80GB HBM3": {"displayName": "H100 SXM", "memoryInGb": 80, "securePrice": 2.99,
                               "communityPrice": 2.69, "secureSpotPrice": 1.75, "minBid": 1.2},
 }
@@ -190,6 +239,7 @@ class FakeRunPod:
              "dataCenterId": "EU-RO-1"}
         ]
         self.capacity = True
+        self.full_gpu_types: set[str] = set()  # GPU types with no capacity left
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -215,11 +265,16 @@ class FakeRunPod:
     def find(self, operation: str) -> list[Request]:
         return [r for r in self.requests if r.operation == operation]
 
-    def add_pod(self, **overrides: Any) -> dict[str, Any]:
-        """Seed a running pod, as if created earlier."""
-        return self._new_pod({"name": "seeded", "imageName": "runpod/pytorch:test", "gpuCount": 1,
-                              "gpuTypeId": "NVIDIA A100 80GB PCIe", "ports": "6006/http,22/tcp",
-                              "env": [], **overrides}, spot=False)
+    def add_pod(self, uptimeSeconds: int = 0, costPerHr: float | None = None,  # noqa: N803
+                **overrides: Any) -> dict[str, Any]:
+        """Seed a running pod, as if created earlier (and running for `uptimeSeconds`)."""
+        pod = self._new_pod({"name": "seeded", "imageName": "runpod/pytorch:test", "gpuCount": 1,
+                             "gpuTypeId": "NVIDIA A100 80GB PCIe", "ports": "6006/http,22/tcp",
+                             "env": [], **overrides}, spot=False)
+        pod["uptimeSeconds"] = uptimeSeconds
+        if costPerHr is not None:
+            pod["costPerHr"] = costPerHr
+        return pod
 
     # -- request handling -------------------------------------------------------------------
 
@@ -244,8 +299,9 @@ class FakeRunPod:
         return Handler
 
     def _answer(self, path: str, authorization: str, body: bytes) -> tuple[int, Any]:
-        query = json.loads(body or b"{}").get("query", "")
-        request = Request(query=query, authorization=authorization)
+        payload = json.loads(body or b"{}")
+        query, variables = payload.get("query", ""), payload.get("variables") or {}
+        request = Request(query=query, authorization=authorization, variables=variables)
         with self._lock:
             self.requests.append(request)
             if path != "/graphql":
@@ -253,10 +309,13 @@ class FakeRunPod:
             if authorization != f"Bearer {self.api_key}":
                 return 401, {"error": "Unauthorized"}
             try:
-                request.kind, selection = parse(query)
+                request.kind, selection = parse(query, variables)
             except GraphQLSyntaxError as exc:
                 return 400, {"errors": [{"message": str(exc)}]}
             top = selection[0]
+            wanted = INPUT_TYPES.get(top["name"])
+            if wanted and "$input" in query and declared_types(query).get("input") != wanted:
+                return 400, {"errors": [{"message": f'Variable "$input" must be {wanted}.'}]}
             request.operation, request.args = top["name"], top["args"]
             request.fields = [f["name"] for f in top["fields"]]
             try:
@@ -286,6 +345,11 @@ class FakeRunPod:
         if kind == "mutation" and name == "podTerminate":
             self.pods.pop(self._pod(inp)["id"])
             return None
+        if kind == "mutation" and name == "createNetworkVolume":
+            volume = {"id": f"vol{len(self.volumes) + 1}fake", "name": inp["name"],
+                      "size": inp["size"], "dataCenterId": inp["dataCenterId"]}
+            self.volumes.append(volume)
+            return volume
         raise QueryFailure(f'Cannot query field "{name}" on type "{kind.title()}".')
 
     def _gpu(self, gpu_id: str, count: int) -> dict[str, Any]:
@@ -308,16 +372,21 @@ class FakeRunPod:
             raise QueryFailure(f'Field "{unknown[0]}" is not defined by the pod input type.')
         if spot and not isinstance(inp.get("bidPerGpu"), (int, float)):
             raise QueryFailure('Field "bidPerGpu" of required type "Float!" was not provided.')
-        if not isinstance(inp.get("cloudType"), Enum) or inp["cloudType"] not in (
-            "SECURE", "COMMUNITY", "ALL"):
+        if inp.get("cloudType") not in ("SECURE", "COMMUNITY", "ALL"):  # an enum or a variable
             raise QueryFailure('Expected type "CloudTypeEnum" for cloudType.')
+        for key in ("stopAfter", "terminateAfter"):
+            if inp.get(key) is not None and not _DATETIME.match(str(inp[key])):
+                raise QueryFailure(f'Expected type "DateTime" for {key}.')
+        cuda = inp.get("allowedCudaVersions")
+        if cuda is not None and not (isinstance(cuda, list) and all(isinstance(v, str) for v in cuda)):
+            raise QueryFailure('Expected type "[CudaVersion]" for allowedCudaVersions.')
         if inp.get("gpuTypeId") not in GPU_TYPES:
             raise QueryFailure("Invalid GPU type.")
         volume = next((v for v in self.volumes if v["id"] == inp.get("networkVolumeId")), None)
         if inp.get("networkVolumeId") and (volume is None or
                                            inp.get("dataCenterId") != volume["dataCenterId"]):
             raise QueryFailure("Network volume is not in the requested data center.")
-        if not self.capacity:
+        if not self.capacity or inp["gpuTypeId"] in self.full_gpu_types:
             raise QueryFailure(NO_CAPACITY)
         if spot and inp["bidPerGpu"] < GPU_TYPES[inp["gpuTypeId"]]["minBid"]:
             raise QueryFailure("Your bid is below the minimum bid price.")
@@ -335,6 +404,8 @@ class FakeRunPod:
             "containerDiskInGb": inp.get("containerDiskInGb"), "volumeInGb": inp.get("volumeInGb"),
             "volumeMountPath": inp.get("volumeMountPath"), "dockerArgs": inp.get("dockerArgs"),
             "dockerId": None, "ports": inp.get("ports"), "port": None,
+            "allowedCudaVersions": inp.get("allowedCudaVersions"), "stopAfter": inp.get("stopAfter"),
+            "gpuTypeId": inp["gpuTypeId"], "networkVolumeId": inp.get("networkVolumeId"),
             "env": [f"{e['key']}={e['value']}" for e in inp.get("env") or []],
             "memoryInGb": inp.get("minMemoryInGb"), "vcpuCount": inp.get("minVcpuCount"),
             "uptimeSeconds": 0, "lastStatusChange": "Rented by User", "machineId": "machine-fake",

@@ -197,7 +197,7 @@ def test_second_run_on_an_experiment_names_the_holder(tmp_path, text_input) -> N
 
 # 10. the empty volumeName, and hf: errors naming --input ---------------------------------------------
 def test_empty_volume_name_is_not_called_a_placeholder(tmp_path) -> None:
-    from orchestrator.pod_manifest import ManifestError, load_manifest
+    from orchestrator.pods.manifest import ManifestError, load_manifest
 
     shipped = Path(__file__).resolve().parents[1] / "infra" / "runpod-pod.yaml"
     manifest = tmp_path / "pod.yaml"
@@ -205,7 +205,7 @@ def test_empty_volume_name_is_not_called_a_placeholder(tmp_path) -> None:
     with pytest.raises(ManifestError) as err:
         load_manifest(manifest)
     assert str(err.value) == (f"{manifest}: volumeMounts[0].volumeName: is empty: set your network volume id; find it "
-                              "with `runpodctl network-volume list` or the console's Storage page")
+                              "with `orchestrate volume list` or the console's Storage page")
 
 
 def test_hf_input_errors_name_the_input_flag(tmp_path, monkeypatch) -> None:

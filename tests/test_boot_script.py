@@ -18,26 +18,47 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 BOOT = Path(__file__).resolve().parents[1] / "infra" / "boot.sh"
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ boot: ", re.MULTILINE)
 SECRET = "hf_" + "Q" * 34  # shaped like a real token; must never reach a log
 
 # Each stand-in logs "<name> <args>"; orchestrate fails when its --stop-after value (or "train",
-# for the run without one) equals $FAKE_FAIL, and with FAKE_HANG=1 the training run waits for
-# SIGTERM, records it and exits 143 as a trainer that saved its state would.
+# for the run without one) equals $FAKE_FAIL. In the training run, FAKE_HANG=1 waits for SIGTERM,
+# records it and exits 143 as a trainer that saved its state would (FAKE_HANG=deaf ignores
+# SIGTERM, as a trainer stuck in a collective does), and FAKE_STEPS=N logs a step to
+# metrics.jsonl every second N times. Its env is written to $FAKE_LOG.env.
 ORCHESTRATE = r"""#!/usr/bin/env bash
 echo "orchestrate $*" >> "$FAKE_LOG"
+env > "$FAKE_LOG.env"
 stage=train
 prev=""
-for arg in "$@"; do [[ "$prev" == --stop-after ]] && stage=$arg; prev=$arg; done
+for arg in "$@"; do
+  [[ "$prev" == --stop-after ]] && stage=$arg
+  [[ "$prev" == --workspace ]] && root=$arg
+  [[ "$prev" == --experiment ]] && exp=$arg
+  prev=$arg
+done
 if [[ "$stage" == "${FAKE_FAIL:-}" ]]; then echo "fake orchestrate: $stage broke" >&2; exit 3; fi
-if [[ "$stage" == train && "${FAKE_HANG:-0}" == 1 ]]; then
-  trap 'echo "orchestrate got TERM" >> "$FAKE_LOG"; kill "$sleeper"; exit 143' TERM
+if [[ "$stage" == train && -n "${FAKE_STEPS:-}" ]]; then
+  mkdir -p "$root/runs/$exp/checkpoints"
+  for step in $(seq "$FAKE_STEPS"); do
+    sleep 1
+    echo "{\"step\": $step, \"loss\": 1.0}" >> "$root/runs/$exp/checkpoints/metrics.jsonl"
+  done
+fi
+if [[ "$stage" == train && "${FAKE_HANG:-0}" != 0 ]]; then
+  if [[ "$FAKE_HANG" == deaf ]]; then
+    trap 'echo "orchestrate ignored TERM" >> "$FAKE_LOG"' TERM
+  else
+    trap 'echo "orchestrate got TERM" >> "$FAKE_LOG"; kill "$sleeper"; exit 143' TERM
+  fi
   sleep 30 >/dev/null 2>&1 &
   sleeper=$!
+  echo "$sleeper" > "$FAKE_LOG.sleeper"
   touch "$FAKE_LOG.training"
-  wait
+  while kill -0 "$sleeper" 2>/dev/null; do wait "$sleeper"; done
 fi
 exit 0
 """
@@ -260,3 +281,84 @@ def test_missing_project_fails_the_install_stage_with_a_hint(pod: dict) -> None:
     assert result.returncode == 1
     assert "no podtrain: clone it to" in result.stdout
     assert (pod["run_dir"] / "BOOT_FAILED").read_text().startswith("stage=install\n")
+
+
+def _pid_alive(pid: int) -> bool:
+    """Running, not gone or a zombie (an orphan killed here waits for init to reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _wait_for_call(pod: dict, call: str, proc: subprocess.Popen[str], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while call not in _calls(pod):
+        assert proc.poll() is None, f"boot ended early:\n{proc.stdout.read()}"
+        assert time.monotonic() < deadline, f"{call!r} never happened: {_calls(pod)}"
+        time.sleep(0.1)
+
+
+def test_the_watchdog_stops_a_hung_trainer_and_the_pod(pod: dict) -> None:
+    proc = _spawn(pod, FAKE_HANG="1", BOOT_WATCHDOG_MINUTES="0.05", BOOT_HALT="stop",
+                  RUNPOD_POD_ID="abc123pod")  # 3 s without a step
+    _wait_for_call(pod, "runpodctl pod stop abc123pod", proc)
+    assert "orchestrate got TERM" in _calls(pod)  # the trainer could checkpoint first
+    status, out = _end(proc)
+    assert status == 143
+    log = (pod["run_dir"] / "boot.log").read_text()
+    assert "watchdog: no training step logged to" in log and "for 0.05 min" in log
+    assert "stage train: stopped by the watchdog" in log
+    assert not (pod["run_dir"] / "BOOT_FAILED").exists()  # a hang is not a settings failure
+
+
+def test_the_watchdog_kills_a_trainer_deaf_to_sigterm(pod: dict) -> None:
+    result = _boot(pod, FAKE_HANG="deaf", BOOT_WATCHDOG_MINUTES="0.05", BOOT_WATCHDOG_KILL_S="1")
+    assert result.returncode == 124, result.stdout
+    assert "orchestrate ignored TERM" in _calls(pod)
+    assert "watchdog: still running 1s after SIGTERM: SIGKILL" in result.stdout
+    sleeper = int(Path(pod["env"]["FAKE_LOG"] + ".sleeper").read_text())
+    assert not _pid_alive(sleeper)  # the whole process group, not just orchestrate
+
+
+def test_logged_steps_keep_the_watchdog_quiet(pod: dict) -> None:
+    result = _boot(pod, FAKE_STEPS="6", BOOT_WATCHDOG_MINUTES="0.05")  # 6 s of steps, 3 s limit
+    assert result.returncode == 0, result.stdout
+    assert "watchdog:" not in result.stdout.replace("watchdog: 0.05 min", "")
+    assert "boot finished: training is complete" in result.stdout
+
+
+def test_spot_grace_reaches_the_trainer_config(pod: dict) -> None:
+    assert _boot(pod, RUN_PREEMPTION_GRACE_S="5").returncode == 0
+    runs = [c for c in _calls(pod) if c.startswith("orchestrate")]
+    assert len(runs) == 2 and all("preemption_grace_s=5" in c.split() for c in runs)
+    result = _boot(pod, RUN_PREEMPTION_GRACE_S="five")
+    assert result.returncode == 2 and "RUN_PREEMPTION_GRACE_S='five' must be a number" in result.stdout
+
+
+def test_an_unresolved_secret_reference_is_unset_with_one_warning(pod: dict) -> None:
+    result = _boot(pod, HF_TOKEN="{{ RUNPOD_SECRET_hf_token }}",
+                   WANDB_API_KEY="{{RUNPOD_SECRET_wandb}}")
+    assert result.returncode == 0, result.stdout
+    warnings = [line for line in result.stdout.splitlines() if "warning: unset" in line]
+    assert len(warnings) == 1 and "HF_TOKEN" in warnings[0] and "WANDB_API_KEY" in warnings[0]
+    assert "HF token: unset" in result.stdout
+    seen = Path(pod["env"]["FAKE_LOG"] + ".env").read_text()
+    assert "RUNPOD_SECRET" not in seen and "HF_TOKEN=" not in seen
+
+
+def test_a_repository_that_cannot_be_fetched_stops_the_pod(pod: dict) -> None:
+    """The manifest's start command itself: no clone, no checkout, so no idle GPU either."""
+    command = yaml.safe_load((BOOT.parent / "runpod-pod.yaml").read_text())["command"]
+    env = {**pod["env"], "RUN_REPO": f"file://{pod['tmp']}/no-such-repo.git", "RUN_REF": "v1",
+           "PODTRAIN_PROJECT": str(pod["tmp"] / "volume" / "transformer"),
+           "RUNPOD_POD_ID": "abc123pod"}
+    proc = subprocess.Popen(["bash", "-c", command], env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_for_call(pod, "runpodctl pod stop abc123pod", proc)
+    assert proc.poll() is None  # asleep until RunPod stops it: no exit, so no restart loop
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=20)
+    assert "bootstrap: cannot fetch RUN_REPO or check out RUN_REF v1" in out

@@ -1,10 +1,15 @@
 """The RunPod pod manifest (`infra/runpod-pod.yaml`): a pydantic model checked before any request.
 
-Why so strict: the runpod SDK (1.12) builds its GraphQL by string formatting with no escaping, so a
-quote, backslash or newline in any string it formats (name, image, command, env names and values,
-volume id) breaks or rewrites the request. A pod that boots with a typo costs GPU hours; a literal
-token in a manifest ends up in git. So every problem is caught here and reported as ONE line naming
-the key path (`volumeMounts[0].volumeName: ...`), and secret-looking values are never echoed.
+Why so strict: a pod that boots with a typo costs GPU hours, and a literal token in a manifest ends
+up in git and in RunPod's pod record. So every problem is caught here and reported as ONE line
+naming the key path (`volumeMounts[0].volumeName: ...`), and secret-looking values are never echoed.
+Every string in the file (command, name, image, env, ...) is checked for token shapes. Quotes,
+backslashes and newlines are fine: the request carries values as GraphQL variables (pods/api.py).
+
+The safety rails live here with safe defaults, so a forgotten key never means an unbounded bill:
+`allowedCudaVersions` (read from the image tag when not given), `maxRuntimeHours` (RunPod's
+server-side `stopAfter`), `watchdogMinutes` (boot.sh stops a pod whose trainer logs no step), a
+list of GPU types tried in order.
 """
 
 from __future__ import annotations
@@ -12,11 +17,10 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -25,12 +29,20 @@ from pydantic import (
     model_validator,
 )
 
+from orchestrator.pods.gitref import GitRefError, files_at_ref
+
 #: The mount point every path in configs/ and infra/boot.sh assumes.
 WORKSPACE = "/workspace"
 #: The placeholder the shipped manifest carries until the user sets a real volume id.
 VOLUME_PLACEHOLDER = "YOUR_VOLUME_ID"
 
-_UNSAFE = {'"': "a double quote", "\\": "a backslash", "\n": "a newline", "\r": "a carriage return"}
+#: RunPod's spot window between SIGTERM and SIGKILL: the trainer's grace on a spot pod.
+SPOT_GRACE_S = 5
+#: Host CUDA versions RunPod filters on (its `allowedCudaVersions` values), oldest first.
+RUNPOD_CUDA_VERSIONS = ("11.8", "12.0", "12.1", "12.2", "12.3", "12.4", "12.5", "12.6", "12.7",
+                        "12.8", "12.9", "13.0")
+# The CUDA version in an image tag: runpod/pytorch:...-cu1281-... or ...-cuda12.8.1-...
+_IMAGE_CUDA = re.compile(r"(?:cu|cuda)(1[0-9])\.?([0-9])(?:\.?[0-9])?(?![0-9])")
 _SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
 # Names that match the secret pattern but hold public material: RunPod images read PUBLIC_KEY as
 # the SSH public key to authorize.
@@ -56,18 +68,13 @@ class _KeyedError(ValueError):
         self.message = message
 
 
-def graphql_safe(value: str) -> str:
-    """Refuse the characters the SDK would paste unescaped into a GraphQL string literal."""
-    for char, name in _UNSAFE.items():
-        if char in value:
-            raise ValueError(
-                f"contains {name}; the runpod SDK pastes it unescaped into its GraphQL request, "
-                "so it is refused (use single quotes in shell commands)"
-            )
-    return value
-
-
-SafeStr = Annotated[str, AfterValidator(graphql_safe)]
+def cuda_versions_for(image: str) -> list[str] | None:
+    """The host CUDA versions that can run `image` (its CUDA or newer), from the image tag."""
+    match = _IMAGE_CUDA.search(image.rpartition(":")[2])
+    if not match:
+        return None
+    floor = (int(match.group(1)), int(match.group(2)))
+    return [v for v in RUNPOD_CUDA_VERSIONS if tuple(map(int, v.split("."))) >= floor]
 
 
 class _Strict(BaseModel):
@@ -77,13 +84,13 @@ class _Strict(BaseModel):
 class VolumeMount(_Strict):
     """The network volume: datasets, tokenizer, checkpoints and the checkout live on it."""
 
-    volume_name: SafeStr = Field(alias="volumeName")
-    mount_path: SafeStr = Field(WORKSPACE, alias="mountPath")
+    volume_name: str = Field(alias="volumeName")
+    mount_path: str = Field(WORKSPACE, alias="mountPath")
 
     @field_validator("volume_name")
     @classmethod
     def _real_volume(cls, value: str) -> str:
-        where = "find it with `runpodctl network-volume list` or the console's Storage page"
+        where = "find it with `orchestrate volume list` or the console's Storage page"
         if not value.strip():
             raise ValueError(f"is empty: set your network volume id; {where}")
         if value.strip() == VOLUME_PLACEHOLDER or value.startswith("<"):
@@ -105,9 +112,10 @@ class VolumeMount(_Strict):
 class PodManifest(_Strict):
     """What `orchestrate pod create -f` sends: one field per RunPod pod setting."""
 
-    name: SafeStr
-    image: SafeStr = Field(min_length=1)
-    gpu_type: SafeStr = Field(alias="gpuType", min_length=1)
+    name: str
+    image: str = Field(min_length=1)
+    #: One GPU type id, or a list tried in order when RunPod has no capacity for the first.
+    gpu_type: str | list[str] = Field(alias="gpuType", min_length=1)
     gpu_count: int = Field(1, alias="gpuCount", ge=1, le=8)
     cloud_type: Literal["secure", "community", "all"] = Field("secure", alias="cloudType")
     spot: bool = False
@@ -116,9 +124,51 @@ class PodManifest(_Strict):
     min_vcpu_count: int = Field(1, alias="minVcpuCount", ge=1)
     min_memory_in_gb: int = Field(1, alias="minMemoryInGb", ge=1)
     volume_mounts: list[VolumeMount] = Field(alias="volumeMounts", min_length=1, max_length=1)
-    ports: list[SafeStr] = Field(default_factory=lambda: ["6006/http", "22/tcp"])
+    ports: list[str] = Field(default_factory=lambda: ["6006/http", "22/tcp"])
     env: dict[str, str] = Field(default_factory=dict)
-    command: SafeStr = ""
+    command: str = ""
+    #: Host CUDA versions the pod may land on; None: every version the image's CUDA runs on.
+    allowed_cuda_versions: list[str] | None = Field(None, alias="allowedCudaVersions", min_length=1)
+    #: RunPod stops the pod this long after creation whatever runs in it (`stopAfter`).
+    max_runtime_hours: float = Field(72, alias="maxRuntimeHours", gt=0, le=24 * 31)
+    #: Optionally delete the pod this long after creation (`terminateAfter`); the volume stays.
+    terminate_after_hours: float | None = Field(None, alias="terminateAfterHours", gt=0)
+    #: boot.sh stops a pod whose trainer logged no step for this long (0: no watchdog).
+    watchdog_minutes: float = Field(30, alias="watchdogMinutes", ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_literal_tokens(cls, data: Any) -> Any:
+        """Every string in the file, keys included, is checked for a token shape, first."""
+        for path, text in _strings(data, ""):
+            if looks_like_literal_token(text):
+                raise _KeyedError(
+                    path or "(top level)",
+                    "looks like a literal access token; put it in a RunPod secret and write "
+                    "'{{ RUNPOD_SECRET_<name> }}' in env (it is never sent or printed)",
+                )
+        return data
+
+    @field_validator("gpu_type")
+    @classmethod
+    def _gpu_types(cls, value: str | list[str]) -> str | list[str]:
+        names = [value] if isinstance(value, str) else value
+        for i, name in enumerate(names):
+            if not name.strip():
+                raise _KeyedError("gpuType" if isinstance(value, str) else f"gpuType[{i}]",
+                                  "must not be empty")
+        if len(set(names)) != len(names):
+            raise ValueError("lists a GPU type twice")
+        return value
+
+    @field_validator("allowed_cuda_versions")
+    @classmethod
+    def _cuda(cls, value: list[str] | None) -> list[str] | None:
+        for i, version in enumerate(value or []):
+            if version not in RUNPOD_CUDA_VERSIONS:
+                raise _KeyedError(f"allowedCudaVersions[{i}]", f"{version!r} is not one of "
+                                  f"RunPod's CUDA versions ({', '.join(RUNPOD_CUDA_VERSIONS)})")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -159,12 +209,53 @@ class PodManifest(_Strict):
         return env
 
     @model_validator(mode="after")
-    def _spot_needs_bid(self) -> PodManifest:
+    def _consistent(self) -> PodManifest:
         if self.spot and self.bid_per_gpu is None:
             raise _KeyedError(
                 "bidPerGpu", "spot: true needs a bid in $/h per GPU (the console shows the minimum)"
             )
+        if self.allowed_cuda_versions is None and cuda_versions_for(self.image) is None:
+            raise _KeyedError(
+                "allowedCudaVersions", f"the image tag names no CUDA version (like cu1281): list "
+                "the host CUDA versions it runs on, e.g. ['12.8', '12.9']"
+            )
+        if (self.terminate_after_hours is not None
+                and self.terminate_after_hours < self.max_runtime_hours):
+            raise _KeyedError("terminateAfterHours", "must not be shorter than maxRuntimeHours")
+        repo, ref = self.env.get("RUN_REPO", ""), self.env.get("RUN_REF", "")
+        if "RUN_REPO" in self.command and not repo:
+            raise _KeyedError("env.RUN_REPO", "the command clones $RUN_REPO: set it to your "
+                              "podtrain repository (or bake the image: infra/Dockerfile)")
+        if "YOUR_ORG" in repo:
+            raise _KeyedError("env.RUN_REPO", "set your podtrain repository (placeholder "
+                              "'YOUR_ORG'): a git URL the pod can clone")
+        if repo and not ref:
+            raise _KeyedError("env.RUN_REF", "set the commit or tag of RUN_REPO the pod runs")
+        if "RUN_CONFIG" in self.env:
+            check_config(self.env["RUN_CONFIG"], ref or None)
         return self
+
+    @property
+    def gpu_types(self) -> list[str]:
+        """The GPU types to try, in order."""
+        return [self.gpu_type] if isinstance(self.gpu_type, str) else list(self.gpu_type)
+
+    @property
+    def cuda_versions(self) -> list[str]:
+        return self.allowed_cuda_versions or cuda_versions_for(self.image) or []
+
+    def pod_env(self) -> dict[str, str]:
+        """The env the pod gets: the manifest's, plus what boot.sh needs from the other keys.
+
+        RUN_VOLUME_ID labels the pod with its volume, so a second pod for the same experiment on
+        the same volume can be refused; a spot pod's trainer gets RunPod's real grace window.
+        """
+        env = dict(self.env)
+        env["RUN_VOLUME_ID"] = self.volume_id
+        env["BOOT_WATCHDOG_MINUTES"] = f"{self.watchdog_minutes:g}"
+        if self.spot:
+            env["RUN_PREEMPTION_GRACE_S"] = str(SPOT_GRACE_S)
+        return env
 
     @property
     def volume_id(self) -> str:
@@ -222,21 +313,15 @@ def looks_like_literal_token(value: str) -> bool:
 def _check_env_item(key: str, value: str) -> None:
     path = _env_path(key)
     if not _ENV_NAME.match(key):
-        bad = next((name for char, name in _UNSAFE.items() if char in key), None)
-        why = f"contains {bad}" if bad else "is not a valid variable name"
-        raise _KeyedError(path, f"{why}; env names are letters, digits and _ (no leading digit)")
-    try:
-        graphql_safe(value)
-    except ValueError as exc:
-        raise _KeyedError(path, str(exc)) from None
+        raise _KeyedError(
+            path, "is not a valid variable name; env names are letters, digits and _ (no leading digit)"
+        )
     if is_secret_name(key) and not is_secret_reference(value):
         raise _KeyedError(
             path,
             "a secret must be a RunPod secret reference, never a literal: create the secret in the "
             "console (Secrets) and write '{{ RUNPOD_SECRET_<name> }}'",
         )
-    if looks_like_literal_token(value):
-        raise _KeyedError(path, "looks like a literal access token; use a RunPod secret reference")
     _check_knob(path, key, value)
 
 
@@ -248,22 +333,47 @@ def _check_knob(path: str, key: str, value: str) -> None:
         raise _KeyedError(path, f"must be a positive integer, not {value!r}")
     if key == "RUN_EXPERIMENT" and not _EXPERIMENT.match(value):
         raise _KeyedError(path, f"{value!r} is not a folder name (letters, digits, . _ -)")
-    if key == "RUN_CONFIG":
-        _check_config_path(path, value)
 
 
-def _check_config_path(path: str, value: str) -> None:
-    """RUN_CONFIG is relative to the checkout; when this is one, check the file is in it."""
+def check_config(value: str, ref: str | None) -> None:
+    """RUN_CONFIG is relative to the checkout the pod runs: the commit RUN_REF names when the pod
+    clones RUN_REPO (read from this repository's git objects), else this working tree (the image
+    is built from it)."""
+    path = "env.RUN_CONFIG"
     config = Path(value)
     if config.is_absolute():
         return  # a config elsewhere on the volume: only the pod can see it
     if ".." in config.parts:
         raise _KeyedError(path, f"{value!r} must stay inside the project (no '..')")
-    project = Path(__file__).resolve().parents[1]
-    configs = project / "configs"
-    if configs.is_dir() and not (project / config).is_file():
-        known = ", ".join(sorted(f"configs/{p.name}" for p in configs.glob("*.yaml")))
-        raise _KeyedError(path, f"{value} is not in this checkout ({project}); known: {known}")
+    project = Path(__file__).resolve().parents[2]
+    if ref is None:
+        configs = project / "configs"
+        if configs.is_dir() and not (project / config).is_file():
+            known = ", ".join(sorted(f"configs/{p.name}" for p in configs.glob("*.yaml")))
+            raise _KeyedError(path, f"{value} is not in this checkout ({project}); known: {known}")
+        return
+    try:
+        files = files_at_ref(project, ref, "configs")
+    except GitRefError as exc:
+        raise _KeyedError("env.RUN_REF", str(exc)) from None
+    if config.as_posix() not in files:
+        known = ", ".join(sorted(f for f in files if f.endswith(".yaml")))
+        raise _KeyedError(path, f"{value} is not in RUN_REF {ref}; known there: {known}")
+
+
+def _strings(data: Any, path: str) -> list[tuple[str, str]]:
+    """Every string in a parsed manifest, keys included, with its key path."""
+    if isinstance(data, str):
+        return [(path, data)]
+    if isinstance(data, dict):
+        out = []
+        for key, value in data.items():
+            child = f"{path}.{key}" if path else str(key)
+            out += _strings(key, child) + _strings(value, child)
+        return out
+    if isinstance(data, list):
+        return [item for i, value in enumerate(data) for item in _strings(value, f"{path}[{i}]")]
+    return []
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:

@@ -74,7 +74,7 @@ def main_command(
     config: Optional[str] = typer.Argument(None, help="YAML, JSON or TOML config; omit for the preset menu"),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, dotted for nested keys"),
     resume: Optional[str] = typer.Option(None, "--resume", help="checkpoint tag path, a directory, or 'auto'"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and parameter count, then exit"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config, parameter count and GPU memory plan, then exit"),
 ) -> None:
     overrides = list(overrides or [])
     if config is not None and "=" in config and not config.lower().endswith(CONFIG_SUFFIXES):
@@ -99,6 +99,11 @@ def main_command(
         console.print(yaml.safe_dump(cfg.to_plain(), sort_keys=False).rstrip(), markup=False)
         console.print(describe(cfg), markup=False)
     if dry_run:
+        from training.memory_plan import format_plan, plan
+
+        world = int(os.environ.get("WORLD_SIZE", 1)) if "LOCAL_RANK" in os.environ else 1
+        if is_main:
+            console.print(format_plan(plan(cfg, world)), markup=False)
         return
     from training.trainer import train
 

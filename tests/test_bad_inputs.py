@@ -106,6 +106,12 @@ def test_unknown_override_names_the_command_line(byte_corpus, tmp_path) -> None:
 
 
 # 7. `tokenizer encode` onto a full disk names the output, not the input ---------------------------
+def in_private_tmpfs(mount_point, options: str, command: str) -> subprocess.CompletedProcess:
+    """Run ``command`` with a tmpfs mounted at ``mount_point`` in a private user+mount namespace."""
+    shell = f"mount -t tmpfs -o {options} tmpfs {mount_point} && {command}"
+    return subprocess.run(["unshare", "-rm", "sh", "-c", shell], env=ENV, capture_output=True, text=True, timeout=120)
+
+
 def _can_mount_private_tmpfs() -> bool:
     probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
     return probe.returncode == 0
@@ -124,9 +130,8 @@ def test_encode_onto_a_full_disk_names_the_output_shard(tmp_path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     # A private 64 KB filesystem: the manifest fits, the ~100 KB token shard does not.
-    shell = (f"mount -t tmpfs -o size=64k tmpfs {out} && {sys.executable} -m orchestrator tokenizer encode "
-             f"--text-dir {text} --out-dir {out} --bundle-dir {bundle.directory} --workers 1; rc=$?; ls -a {out}; exit $rc")
-    proc = subprocess.run(["unshare", "-rm", "sh", "-c", shell], env=ENV, capture_output=True, text=True, timeout=120)
+    proc = in_private_tmpfs(out, "size=64k", f"{sys.executable} -m orchestrator tokenizer encode --text-dir {text} "
+                            f"--out-dir {out} --bundle-dir {bundle.directory} --workers 1; rc=$?; ls -a {out}; exit $rc")
     assert proc.returncode == 1
     assert one_line(proc.stderr) == f"error: {out / 'shard_00000.tok'}: cannot write token shard: No space left on device"
     assert ".tmp" not in proc.stdout and "shard_00000.tok" not in proc.stdout  # nothing half-written is left
@@ -164,9 +169,8 @@ def test_unwritable_workspace_is_one_line_naming_the_path(tmp_path, text_input, 
 def test_read_only_workspace_is_one_line(tmp_path, text_input) -> None:
     ws = tmp_path / "ws"
     ws.mkdir()
-    shell = (f"mount -t tmpfs -o ro,size=64k tmpfs {ws} && {sys.executable} -m orchestrator --input {text_input} "
-             f"--experiment e --workspace {ws}")
-    proc = subprocess.run(["unshare", "-rm", "sh", "-c", shell], env=ENV, capture_output=True, text=True, timeout=120)
+    proc = in_private_tmpfs(ws, "ro,size=64k", f"{sys.executable} -m orchestrator --input {text_input} "
+                            f"--experiment e --workspace {ws}")
     assert proc.returncode == 2
     assert one_line(proc.stderr) == f"orchestrate: error: --workspace {ws}: not writable: cannot create {ws}/runs: Read-only file system"
 

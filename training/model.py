@@ -51,15 +51,21 @@ class Attention(nn.Module):
         self.o_proj.residual_projection = True  # type: ignore[attr-defined]
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None = None, kv: LayerKV | None = None) -> torch.Tensor:
+        """``mask`` (B, 1, T, S) bool, True = may attend, replaces the plain causal mask (packed
+        examples, a cached prefix); ``kv`` holds this layer's keys and values from earlier calls."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv is not None:
+            k, v = kv.append(k, v)
         # GQA inside the kernel: no repeat_interleave copy of K and V per step.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -99,11 +105,12 @@ class Block(nn.Module):
             self.mlp = MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None = None, kv: LayerKV | None = None) -> torch.Tensor:
         h = self.input_layernorm(x)
         if self.parallel:
-            return x + self.resid_dropout(self.self_attn(h, rope) + self.mlp(h))
-        x = x + self.resid_dropout(self.self_attn(h, rope))
+            return x + self.resid_dropout(self.self_attn(h, rope, mask, kv) + self.mlp(h))
+        x = x + self.resid_dropout(self.self_attn(h, rope, mask, kv))
         return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -172,20 +179,38 @@ class Transformer(nn.Module):
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(logits, None)`` without targets (sampling, scoring); ``(None, loss)`` with them: the
         training loss never builds the full logits (see training/loss.py), so none are returned.
-        Targets equal to -100 are ignored (masked fine-tuning)."""
+        Targets equal to -100 are ignored (masked fine-tuning).
+
+        ``doc_ids`` (B, T) marks packed examples: a token attends only within its own example and
+        positions restart at each one, so a packed row computes what its examples would alone.
+        ``cache`` continues from the positions already in it (incremental decoding).
+        """
         T = idx.shape[1]
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + T, device=idx.device)
+        mask = None
+        if doc_ids is not None:
+            positions = document_positions(doc_ids)
+            mask = document_mask(doc_ids)
+        elif cache is not None and start > 0 and T > 1:  # a chunk after a cached prefix: causal over both
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(start)[None, None]
         x = self.embed_tokens(idx)
         rope = None
         if self.embed_positions is not None:
-            x = x + self.embed_positions(torch.arange(T, device=idx.device))
+            x = x + self.embed_positions(positions)
         else:
-            rope = (self.rope_cos[:T], self.rope_sin[:T])
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
+            if rope[0].dim() == 3:  # per-row positions (B, T, D): broadcast over heads
+                rope = (rope[0].unsqueeze(1), rope[1].unsqueeze(1))
         x = self.dropout(x)
-        for block in self.layers:
-            x = block(x, rope)
+        for i, block in enumerate(self.layers):
+            x = block(x, rope, mask, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.length += T
         logits, loss = self.output(x, targets)
         if loss is not None and self.training and self.cfg.ffn.type == "moe":
             from training.moe import aux_loss
@@ -212,6 +237,53 @@ class Transformer(nn.Module):
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), 1)), dim=1)
         return idx
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token inside its example: 0 where ``doc_ids`` changes along the row."""
+    T = doc_ids.shape[1]
+    idx = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - first
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool: causal and within the same example (a block-diagonal causal mask)."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+
+
+class LayerKV:
+    """One layer's keys and values, preallocated to the cache's capacity and filled in place."""
+
+    def __init__(self, cache: KVCache) -> None:
+        self.cache = cache
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values after those already held; return all of them."""
+        start, end = self.cache.length, self.cache.length + k.shape[2]
+        if end > self.cache.capacity:
+            raise ValueError(f"KV cache full: {end} positions > capacity {self.cache.capacity} (max_seq_len)")
+        if self.k is None:
+            shape = (k.shape[0], k.shape[1], self.cache.capacity, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding; ``length`` positions are filled."""
+
+    def __init__(self, num_layers: int, capacity: int) -> None:
+        self.capacity = capacity
+        self.length = 0
+        self.layers = [LayerKV(self) for _ in range(num_layers)]
 
 
 def fill_parameter(param: torch.Tensor, fill, seed: int, index: int) -> None:

@@ -399,8 +399,11 @@ def launch_training(config: Path, nproc: int | None, console: Console) -> int:
     cmd = training_command(config, nproc)
     console.print(f"[stage] train: {' '.join(cmd)}", markup=False)
     piped = nproc > 1
+    env = dict(os.environ)
+    if piped:  # torchrun would set 1 (with a banner); the cores shared out is what CPU ranks can use
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # its own group: a Ctrl-C reaches it once, from us
-    child = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.PIPE if piped else None, text=piped)
+    child = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.PIPE if piped else None, text=piped, env=env)
 
     def forward(signum: int, frame: Any) -> None:
         child.send_signal(signum)

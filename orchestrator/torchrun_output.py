@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import IO, Callable
 
-_AGENT_LOG = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d\.\d+ \d+ torch/distributed/")
+_AGENT_LOG = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d\.\d+ \d+ \S*torch/distributed/")  # path relative or site-packages
 _EXITCODE = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
 _LOOKAHEAD = 6  # lines of a traceback read before deciding whose it is
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 import socket
 from dataclasses import dataclass
@@ -84,7 +85,9 @@ class Dist:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(model, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False)
+        # torch >= 2.13 renamed the switch and warns about the old one (a warning per rank on stderr)
+        sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters else {"broadcast_buffers": False}
+        return DDP(model, device_ids=ids, gradient_as_bucket_view=True, **sync)
 
     def shard(self, model: nn.Module, param_dtype: torch.dtype | None) -> None:
         """FSDP2: each block, then the root (embeddings, final norm, head), in place."""

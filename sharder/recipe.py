@@ -33,7 +33,8 @@ class SourceConfig(_Strict):
     """One source after resolution: a hub dataset, local files, or a folder of PDFs.
 
     ``fields`` + ``format`` build the text from several columns (Q&A); otherwise ``text_field`` is
-    the text. ``limit`` caps the documents taken from this source (after ``min_text_length``).
+    the text. ``limit`` caps the documents taken from this source (after ``min_text_length``);
+    ``limit_tokens`` caps its tokens, counted with the recipe's ``token_counter``.
     """
 
     type: Literal["hf", "files", "pdf"]
@@ -46,6 +47,7 @@ class SourceConfig(_Strict):
     fields: list[str] | None = None
     format: str | None = None
     limit: int | None = Field(None, ge=1)
+    limit_tokens: int | None = Field(None, ge=1)
     chunk_chars: int = Field(4000, ge=200, description="PDF chunk target (cut at paragraph ends, 3-5k by default)")
 
     @model_validator(mode="after")
@@ -137,6 +139,19 @@ class CurateConfig(_Strict):
         return bool(self.dedup or self.quality or self.perplexity)
 
 
+class Budget(_Strict):
+    """A per-source budget in ``limits``: documents or tokens (a plain number means documents)."""
+
+    documents: int | None = Field(None, ge=1)
+    tokens: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> "Budget":
+        if (self.documents is None) == (self.tokens is None):
+            raise ValueError("give exactly one of 'documents' or 'tokens'")
+        return self
+
+
 class DataSection(_Strict):
     """The ``data:`` section as users write it."""
 
@@ -145,11 +160,20 @@ class DataSection(_Strict):
     registry: str | None = None
     mix_strategy: Literal["round_robin", "sequential", "weighted"] = "round_robin"
     source_weights: list[float] | None = None
-    limits: dict[str, int] = Field(default_factory=dict)
+    limits: dict[str, Budget] = Field(default_factory=dict)
+    token_counter: str | None = None  # tokenizer.json (or a folder holding one) that counts token budgets
     min_text_length: int = Field(1, ge=0)
     stop: Literal["first_exhausted", "all_exhausted"] | None = None
     seed: int = 0
     curate: CurateConfig | None = None
+
+    @field_validator("limits", mode="before")
+    @classmethod
+    def _documents_by_default(cls, value: Any) -> Any:
+        """``limits: {wikipedia: 350}`` (seed 004's ``--dataset-limit wikipedia=350``) counts documents."""
+        if isinstance(value, dict):
+            return {k: {"documents": v} if isinstance(v, int) and not isinstance(v, bool) else v for k, v in value.items()}
+        return value
 
     @field_validator("source_weights")
     @classmethod
@@ -176,6 +200,8 @@ class Recipe(BaseModel):
     stop: str  # first_exhausted | all_exhausted (never repeats a document)
     seed: int
     curate: CurateConfig | None
+    token_counter: str | None = None  # resolved path of the tokenizer.json counting token budgets
+    token_counter_sha256: str | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -191,6 +217,7 @@ class Recipe(BaseModel):
             "min_text_length": self.min_text_length,
             "stop": self.stop,
             "seed": self.seed,
+            **({"token_counter_sha256": self.token_counter_sha256} if self.token_counter_sha256 else {}),
         }
 
     def fingerprint(self) -> str:
@@ -231,10 +258,33 @@ def _resolve(section: DataSection, registry: Registry, where: str) -> list[Sourc
     for name, limit in section.limits.items():
         if name not in seen:
             raise ShardError(f"{where}: data.limits.{name}: no such source (sources: {', '.join(seen)})")
-        if limit < 1:
-            raise ShardError(f"{where}: data.limits.{name}: must be at least 1 (got {limit})")
-        resolved[seen[name]] = resolved[seen[name]].model_copy(update={"limit": limit})
+        update = {"limit": limit.documents} if limit.documents else {"limit_tokens": limit.tokens}
+        resolved[seen[name]] = resolved[seen[name]].model_copy(update=update)
     return resolved
+
+
+def _token_counter(section: DataSection, sources: list[SourceConfig], where: str, base: Path) -> tuple[str, str] | None:
+    """The tokenizer.json that counts token budgets, and its sha256 (part of the recipe's identity:
+    another tokenizer gives other budgets), checked to load; None when no source has one."""
+    budgeted = [s.label for s in sources if s.limit_tokens is not None]
+    if section.token_counter is None:
+        if budgeted:
+            raise ShardError(f"{where}: data.token_counter: needed by the budget in tokens of {budgeted[0]} "
+                             f"(a tokenizer.json, or a folder holding one, to count with)")
+        return None
+    path = Path(section.token_counter)
+    path = path if path.is_absolute() else base / path
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise ShardError(f"{where}: data.token_counter: no such file {path}")
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
+        raise ShardError(f"{where}: data.token_counter: {path} is not a tokenizers tokenizer.json ({exc})") from None
+    return str(path), hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def recipe_from_mapping(data: dict[str, Any], where: str, base: Path) -> Recipe:
@@ -264,6 +314,7 @@ def recipe_from_mapping(data: dict[str, Any], where: str, base: Path) -> Recipe:
     elif section.source_weights is not None:
         raise ShardError(f"{where}: data.source_weights: only used by mix_strategy weighted (got {section.mix_strategy})")
     stop = section.stop or ("first_exhausted" if section.mix_strategy == "weighted" else "all_exhausted")
+    counter = _token_counter(section, sources, where, base)
     weights = None
     if section.source_weights:
         total = sum(section.source_weights)
@@ -271,6 +322,7 @@ def recipe_from_mapping(data: dict[str, Any], where: str, base: Path) -> Recipe:
     return Recipe(
         path=where, sources=sources, mix_strategy=section.mix_strategy, weights=weights,
         min_text_length=section.min_text_length, stop=stop, seed=section.seed, curate=section.curate,
+        token_counter=counter[0] if counter else None, token_counter_sha256=counter[1] if counter else None,
     )
 
 

@@ -75,15 +75,37 @@ class SourceConfig(_Strict):
         return Path(self.path or "").name or str(self.path)
 
 
+# MinHash settings by name. A pair of documents whose shingle sets have Jaccard similarity J is caught
+# with probability 1 - (1 - J^hashes_per_bucket)^buckets. ``fineweb`` is FineWeb's (threshold ~0.8:
+# reposted pages); ``light_edits`` reaches >= 95% of copies with 1-5% of their words changed, whose
+# 5-gram Jaccard falls to ~0.63 (docs/data.md has the measured table).
+MINHASH_PRESETS: dict[str, dict[str, int]] = {
+    "fineweb": {"n_grams": 5, "buckets": 14, "hashes_per_bucket": 8},
+    "light_edits": {"n_grams": 3, "buckets": 20, "hashes_per_bucket": 5},
+}
+
+
 class DedupConfig(_Strict):
-    """Exact (normalised-text hash) and MinHash near-duplicate removal; defaults are FineWeb's."""
+    """Exact (normalised-text hash) and MinHash near-duplicate removal; FineWeb's settings by default.
+
+    ``preset`` names the MinHash settings; ``n_grams``, ``buckets`` and ``hashes_per_bucket`` given
+    next to it override that one value.
+    """
 
     exact: bool = True
     minhash: bool = True
-    n_grams: int = Field(5, ge=1)
-    buckets: int = Field(14, ge=1)
-    hashes_per_bucket: int = Field(8, ge=1)
+    preset: Literal["fineweb", "light_edits"] = "fineweb"
+    n_grams: int | None = Field(None, ge=1)
+    buckets: int | None = Field(None, ge=1)
+    hashes_per_bucket: int | None = Field(None, ge=1)
     seed: int = 1
+
+    @model_validator(mode="after")
+    def _fill_from_preset(self) -> "DedupConfig":
+        for key, value in MINHASH_PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        return self
 
 
 class PerplexityConfig(_Strict):
@@ -115,6 +137,36 @@ class CurateConfig(_Strict):
     quality: dict[str, dict[str, Any]] = Field(default_factory=dict)
     perplexity: PerplexityConfig | None = None
     tasks: int = Field(1, ge=1, description="datatrove tasks (parallel workers) for each step")
+    executor: Literal["local", "slurm", "ray"] = "local"
+    executor_options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of datatrove's executor class
+
+    @model_validator(mode="after")
+    def _executor_options(self) -> "CurateConfig":
+        """Options are checked against the datatrove class, so a typo fails before any work."""
+        if self.executor == "local":
+            if self.executor_options:
+                raise ValueError("executor_options: only used by executor slurm or ray")
+            return self
+        try:
+            if self.executor == "slurm":
+                from datatrove.executor.slurm import SlurmPipelineExecutor as cls
+            else:
+                import ray  # noqa: F401  (datatrove's Ray executor needs it)
+                from datatrove.executor.ray import RayPipelineExecutor as cls
+        except ImportError as exc:
+            raise ValueError(f"executor {self.executor}: needs {exc.name} (pip install 'datatrove[{self.executor}]')") from None
+        import inspect
+
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "pipeline", "tasks", "logging_dir", "depends"}
+        unknown = sorted(set(self.executor_options) - accepted)
+        if unknown:
+            raise ValueError(f"executor_options.{unknown[0]}: not an option of {cls.__name__} ({', '.join(sorted(accepted))})")
+        required = sorted(n for n, p in inspect.signature(cls.__init__).parameters.items()
+                          if n in accepted and p.default is inspect.Parameter.empty)
+        missing = [n for n in required if n not in self.executor_options]
+        if missing:
+            raise ValueError(f"executor_options: {cls.__name__} needs {', '.join(missing)}")
+        return self
 
     @field_validator("quality", mode="before")
     @classmethod

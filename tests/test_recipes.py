@@ -305,3 +305,13 @@ def test_limits_in_tokens_take_documents_until_the_budget_is_reached_and_the_cou
         load_recipe(write_recipe(tmp_path / "r.yaml", {**data, "token_counter": "nowhere.json"}))
     with pytest.raises(ShardError, match=r"data.limits.a: give exactly one of 'documents' or 'tokens'"):
         load_recipe(write_recipe(tmp_path / "r.yaml", {**data, "limits": {"a": {"documents": 3, "tokens": 4}}}))
+
+
+def test_a_recipe_inside_a_training_config_is_its_data_section(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", texts("alpha", 3))
+    config = {"name": "mix", "model": {"hidden_size": 64, "num_layers": 2}, "train": {"lr": 0.003},
+              "data": {"sources": [{"type": "files", "path": "a.jsonl", "name": "a"}], "min_text_length": 5}}
+    (tmp_path / "preset.json").write_text(json.dumps(config), encoding="utf-8")
+    recipe = load_recipe(tmp_path / "preset.json")
+    assert recipe.labels == ["a"] and recipe.min_text_length == 5
+    assert shard(tmp_path / "preset.json", tmp_path / "out") == [f"alpha document {i}" for i in range(3)]

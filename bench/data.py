@@ -121,9 +121,13 @@ def _quiet() -> None:
 
 
 def _datatrove(pipeline: list, logs: Path, tasks: int = 1) -> None:
+    """Run a baseline step; its task logs go to ``logs`` only, as the curate stage's do (fair timing)."""
+    import contextlib
+
     from datatrove.executor.local import LocalPipelineExecutor
 
-    LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=1, logging_dir=str(logs)).run()
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+        LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=1, logging_dir=str(logs)).run()
 
 
 def run_mixer(files: list[Path], out: Path) -> int:

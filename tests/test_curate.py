@@ -330,3 +330,45 @@ def test_slurm_run_through_datatrove_matches_the_local_executor_byte_for_byte(tm
 def test_executor_settings_are_checked_before_any_work(curate, message):
     with pytest.raises(Exception, match=message):
         CurateConfig(**curate)
+
+
+# A hand-written KenLM model (ARPA text; KenLM wants at least bigrams): three known words, <unk> unlikely.
+_ARPA = """\\data\\
+ngram 1=6
+ngram 2=1
+
+\\1-grams:
+-3.0\t<unk>\t0
+-99\t<s>\t0
+-0.6\t</s>\t0
+-0.4\triver\t0
+-0.5\tstone\t0
+-0.6\tlight\t0
+
+\\2-grams:
+-0.2\triver stone
+
+\\end\\
+"""
+
+
+def test_perplexity_filter_scores_with_a_kenlm_model_file_when_given(tmp_path):
+    kenlm = pytest.importorskip("kenlm", reason="the kenlm extra (pip install 'podtrain[kenlm]') is not installed")
+    (tmp_path / "lm.arpa").write_text(_ARPA, encoding="utf-8")
+    rng = random.Random(2)
+    known = [" ".join(rng.choice(["river", "stone", "light"]) for _ in range(rng.randrange(3, 12))) for _ in range(12)]
+    unknown = [" ".join(rng.choice(["xylem", "quartz", "vortex"]) for _ in range(rng.randrange(3, 12))) for _ in range(6)]
+    texts = [t for pair in zip(known, unknown + [None] * 6) for t in pair if t is not None]
+    source = shard_dir(tmp_path, texts, lines_per_shard=7)
+    ppl = {"kenlm_model": str(tmp_path / "lm.arpa"), "max_perplexity": 50}
+    summary = run_curate(source, tmp_path / "out", CurateConfig(perplexity=ppl), Console(file=io.StringIO()))
+    assert curated(tmp_path / "out") == [t for t in texts if t in known]
+    assert summary["perplexity_threshold"] == 50
+    model = kenlm.Model(str(tmp_path / "lm.arpa"))
+    (scores_dir,) = (tmp_path / "out" / ".curate").glob("scores-*")
+    import numpy as np
+
+    every = np.concatenate([np.load(p) for p in sorted(scores_dir.glob("*.npy"))])
+    assert np.allclose(every, [model.perplexity(t) for t in curated(source)])
+    with pytest.raises(Exception, match=r"data.curate.perplexity.kenlm_model .*nowhere.arpa: no such file"):
+        run_curate(source, tmp_path / "bad", CurateConfig(perplexity={**ppl, "kenlm_model": str(tmp_path / "nowhere.arpa")}))

@@ -303,6 +303,14 @@ def test_slurm_executor_submits_each_step_as_a_job_array_of_its_tasks_each_after
     for before, after in zip(jobs, jobs[1:]):
         assert f"--dependency=afterok:{before['job']}" in after["args"]
     assert not (tmp_path / "out" / "manifest.json").exists()
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"sources": ["fineweb"], "curate": config.model_dump()}}))
+    cli = _curate_cli(source, tmp_path / "out", recipe)
+    assert cli.wait() == 75  # submitted, not done: rerun once the jobs have finished
+    # datatrove's own lines name each job and its launch script; ours comes last
+    assert cli.stderr.read().strip().splitlines()[-1].startswith("curate: 7 datatrove steps submitted to Slurm")
 
 
 @pytest.mark.slow

@@ -15,7 +15,6 @@ import typer
 
 from sharder.errors import EXIT_USER_ERROR, ShardError
 
-EXIT_SUBMITTED = 75  # EX_TEMPFAIL: nothing wrong, not done yet
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
@@ -39,7 +38,7 @@ def curate(
         run_curate(input_dir, output_dir, recipe.curate, console)
     except CurateLaunched as exc:
         console.print(str(exc), highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(EXIT_SUBMITTED) from None
+        raise typer.Exit(exc.exit_code) from None
     except ShardError as exc:
         console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(EXIT_USER_ERROR) from None

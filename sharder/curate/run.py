@@ -68,7 +68,13 @@ class Step:
 
 
 class CurateLaunched(ShardError):
-    """Steps were handed to a cluster executor that returns at once (Slurm): rerun when they finish."""
+    """Steps were handed to a cluster executor that returns at once (Slurm): rerun when they finish.
+
+    ``exit_code`` 75 (EX_TEMPFAIL, "try again later"): nothing is wrong and nothing is done yet;
+    ``orchestrate`` exits with it too when its curate stage submits.
+    """
+
+    exit_code = 75
 
 
 def executors(steps: list[Step], config: CurateConfig) -> list[Any]:

@@ -11,14 +11,16 @@ process and one task each (so the figures are per core):
 - mixer: ``fineweb-sharder --data`` on a weighted [3, 1] recipe of the two files, against
   datatrove's ``JsonlReader -> JsonlWriter`` on the same files (datatrove has no mixer: reading and
   writing the same documents is the work both must do);
-- dedup: podtrain's curate stage (MinHash alone, then exact + MinHash; FineWeb's 5-grams x 14 x 8)
+- dedup: podtrain's curate stage (MinHash alone, then exact + MinHash; the fineweb preset, 5-grams x 14 x 8)
   against datatrove's example ``minhash_deduplication.py`` (the 4 MinHash steps,
   JsonlReader/JsonlWriter), same config;
 - filters: the curate stage with gopher_repetition, fineweb, gopher_quality and c4 against
   datatrove's ``fineweb.py`` filter block (same four filters) between JsonlReader and JsonlWriter.
 
-Best of ``--repeat`` runs each, documents in per second of wall time. Also reports how many planted
-duplicates each dedup configuration removes. Prints a table and writes bench/results/data.json.
+Best of ``--repeat`` runs each, documents in per second of wall time. Then, for each MinHash setting
+of ``SWEEP`` (the two presets and neighbours), the share of planted duplicates removed and of distinct
+documents lost, next to the recall the banding formula predicts for a copy with 5% of its words
+replaced. Prints two tables and writes bench/results/data.json.
 """
 
 from __future__ import annotations
@@ -50,6 +52,17 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 QUALITY = {"gopher_repetition": {}, "fineweb": {}, "gopher_quality": {}, "c4": {}}
+# (name, n_grams, buckets, hashes_per_bucket): the presets of sharder.recipe.MINHASH_PRESETS and neighbours
+SWEEP = [("fineweb", 5, 14, 8), ("", 5, 20, 5), ("", 4, 20, 5), ("", 3, 14, 8), ("light_edits", 3, 20, 5),
+         ("", 5, 25, 4)]
+
+
+def predicted_recall(n_grams: int, buckets: int, rows: int, edited: float) -> float:
+    """Chance that MinHash banding pairs a document with a copy whose ``edited`` share of words was
+    replaced: a shingle survives with (1 - edited)^n, Jaccard J = u / (2 - u), caught 1 - (1 - J^r)^b."""
+    unchanged = (1 - edited) ** n_grams
+    jaccard = unchanged / (2 - unchanged)
+    return 1 - (1 - jaccard**rows) ** buckets
 
 
 def _prose() -> list[str]:
@@ -93,6 +106,14 @@ def make_corpus(directory: Path, documents: int, seed: int = 0) -> tuple[list[Pa
     return files, [f for f, _ in docs]
 
 
+def _cpu() -> str:
+    """The CPU model (the machine a figure belongs to), from /proc/cpuinfo where there is one."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
 def _quiet() -> None:
     from loguru import logger
 
@@ -100,9 +121,13 @@ def _quiet() -> None:
 
 
 def _datatrove(pipeline: list, logs: Path, tasks: int = 1) -> None:
+    """Run a baseline step; its task logs go to ``logs`` only, as the curate stage's do (fair timing)."""
+    import contextlib
+
     from datatrove.executor.local import LocalPipelineExecutor
 
-    LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=1, logging_dir=str(logs)).run()
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+        LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=1, logging_dir=str(logs)).run()
 
 
 def run_mixer(files: list[Path], out: Path) -> int:
@@ -199,6 +224,7 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     _quiet()
+    load_before = [round(x, 2) for x in os.getloadavg()]
     base = Path(tempfile.gettempdir()) / "podtrain-bench" / f"data-{args.documents}"
     files, families = make_corpus(base, args.documents)
     scratch = Path(tempfile.mkdtemp(prefix="podtrain-bench-data-"))
@@ -228,11 +254,10 @@ def main() -> None:
              _best(lambda t: run_curate_bench(shards, t / "c", {"quality": QUALITY}), args.repeat, scratch / "f"),
              _best(lambda t: datatrove_filters(files, t), args.repeat, scratch / "fb")),
         ]
-        recall = {
-            "fineweb_5g_14x8": removed_planted(shards, scratch / "r1", {}, shard_families, order),
-            "tuned_3g_20x5": removed_planted(shards, scratch / "r2", {"n_grams": 3, "buckets": 20, "hashes_per_bucket": 5},
-                                             shard_families, order),
-        }
+        recall = [(name, n, b, r, *removed_planted(shards, scratch / f"r{n}-{b}-{r}",
+                                                     {"exact": False, "n_grams": n, "buckets": b, "hashes_per_bucket": r},
+                                                     shard_families, order))
+                  for name, n, b, r in SWEEP]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     table = Table(title=f"data recipes: {documents:,} documents, one task, best of {args.repeat}")
@@ -246,12 +271,23 @@ def main() -> None:
                         "baseline_seconds": theirs, "baseline_docs_per_s": documents / theirs})
     console = Console(width=200)
     console.print(table)
-    for name, (removed, lost) in recall.items():
-        console.print(f"dedup {name}: {removed:.1%} of planted duplicates removed, {lost:.2%} of distinct documents lost")
+    sweep = Table(title=f"MinHash settings on the planted duplicates (1-5% of words replaced), MinHash alone")
+    for col in ("setting", "n-grams x buckets x rows", "threshold ~(1/b)^(1/r)", "predicted at 5% edits",
+                "planted removed", "distinct lost"):
+        sweep.add_column(col)
+    for name, n, b, r, removed, lost in recall:
+        sweep.add_row(name or "-", f"{n} x {b} x {r}", f"{(1 / b) ** (1 / r):.2f}", f"{predicted_recall(n, b, r, 0.05):.1%}",
+                      f"{removed:.1%}", f"{lost:.2%}")
+    console.print(sweep)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "data.json").write_text(json.dumps({
-        "documents": documents, "repeat": args.repeat, "machine": platform.platform(), "python": platform.python_version(),
-        "results": results, "planted_duplicates": {k: {"removed": r, "distinct_lost": d} for k, (r, d) in recall.items()},
+        "documents": documents, "repeat": args.repeat, "machine": platform.platform(), "cpu": _cpu(), "cores": os.cpu_count(),
+        "load_average_before": load_before, "python": platform.python_version(),
+        "results": results,
+        "planted_duplicates": [{"preset": name or None, "n_grams": n, "buckets": b, "hashes_per_bucket": r,
+                                "removed": removed, "distinct_lost": lost,
+                                "predicted_at_5pct_edits": predicted_recall(n, b, r, 0.05)}
+                               for name, n, b, r, removed, lost in recall],
     }, indent=2) + "\n")
 
 

@@ -86,9 +86,32 @@ def _long_enough(minimum: int):
     return keep
 
 
+def documents_within(dataset: "IterableDataset", budget: int, token_counter: str) -> int:
+    """How many documents from the start of ``dataset`` (Arrow format) reach ``budget`` tokens.
+
+    Each document counts its ids plus one end-of-text, as the token shards store it; the last
+    document taken is the one that reaches the budget. A token budget becomes a document ``take``
+    because ``take``'s position is part of the stream's ``state_dict()`` (a running token count
+    inside the stream would not be, and a resumed run would cut elsewhere); the price is one
+    tokenizing pass over the budgeted prefix each time the stream is opened.
+    """
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(token_counter)
+    total = taken = 0
+    for batch in dataset.iter(batch_size=1000):
+        for encoding in tokenizer.encode_batch_fast(batch.column(TEXT_COLUMN).to_pylist(), add_special_tokens=False):
+            taken += 1
+            total += len(encoding.ids) + 1
+            if total >= budget:
+                return taken
+    return taken
+
+
 def source_dataset(src: SourceConfig, index: int, min_length: int, where: str,
-                   cache_dir: str, token: str | None) -> "IterableDataset":
-    """One source as text + source-index rows, short documents dropped, capped at ``limit``."""
+                   cache_dir: str, token: str | None, token_counter: str | None = None) -> "IterableDataset":
+    """One source as text + source-index rows, short documents dropped, capped at ``limit`` documents
+    and ``limit_tokens`` tokens (counted with ``token_counter``)."""
     dataset = _raw(src, where, cache_dir, token)
     columns = _columns(dataset, where)
     needed = src.fields or [src.text_field]
@@ -100,7 +123,11 @@ def source_dataset(src: SourceConfig, index: int, min_length: int, where: str,
     # included: 2.5-3x the documents per second of the Python-row path (docs/performance.md).
     dataset = dataset.with_format("arrow").map(_formatter(src, index), batched=True, remove_columns=columns)
     dataset = dataset.filter(_long_enough(max(min_length, 1)), batched=True)
-    return dataset.take(src.limit) if src.limit is not None else dataset
+    limits = [] if src.limit is None else [src.limit]
+    if src.limit_tokens is not None:
+        assert token_counter is not None, "recipe validation requires data.token_counter for token budgets"
+        limits.append(documents_within(dataset, src.limit_tokens, token_counter))
+    return dataset.take(min(limits)) if limits else dataset
 
 
 def mixed_dataset(recipe: Recipe, cache_dir: str, token: str | None) -> "IterableDataset":
@@ -108,7 +135,8 @@ def mixed_dataset(recipe: Recipe, cache_dir: str, token: str | None) -> "Iterabl
     from datasets import concatenate_datasets, interleave_datasets
 
     parts = [
-        source_dataset(src, i, recipe.min_text_length, f"--data {recipe.path}: source {src.label}", cache_dir, token)
+        source_dataset(src, i, recipe.min_text_length, f"--data {recipe.path}: source {src.label}", cache_dir, token,
+                       recipe.token_counter)
         for i, src in enumerate(recipe.sources)
     ]
     if len(parts) == 1:

@@ -33,7 +33,8 @@ class SourceConfig(_Strict):
     """One source after resolution: a hub dataset, local files, or a folder of PDFs.
 
     ``fields`` + ``format`` build the text from several columns (Q&A); otherwise ``text_field`` is
-    the text. ``limit`` caps the documents taken from this source (after ``min_text_length``).
+    the text. ``limit`` caps the documents taken from this source (after ``min_text_length``);
+    ``limit_tokens`` caps its tokens, counted with the recipe's ``token_counter``.
     """
 
     type: Literal["hf", "files", "pdf"]
@@ -46,6 +47,7 @@ class SourceConfig(_Strict):
     fields: list[str] | None = None
     format: str | None = None
     limit: int | None = Field(None, ge=1)
+    limit_tokens: int | None = Field(None, ge=1)
     chunk_chars: int = Field(4000, ge=200, description="PDF chunk target (cut at paragraph ends, 3-5k by default)")
 
     @model_validator(mode="after")
@@ -73,15 +75,37 @@ class SourceConfig(_Strict):
         return Path(self.path or "").name or str(self.path)
 
 
+# MinHash settings by name. A pair of documents whose shingle sets have Jaccard similarity J is caught
+# with probability 1 - (1 - J^hashes_per_bucket)^buckets. ``fineweb`` is FineWeb's (92% of pairs at
+# J = 0.8, half at 0.69: reposted pages); ``light_edits`` removes >= 95% of copies with 1-5% of their
+# words replaced, whose 5-gram Jaccard falls to ~0.63 (docs/data.md has the measured table).
+MINHASH_PRESETS: dict[str, dict[str, int]] = {
+    "fineweb": {"n_grams": 5, "buckets": 14, "hashes_per_bucket": 8},
+    "light_edits": {"n_grams": 3, "buckets": 20, "hashes_per_bucket": 5},
+}
+
+
 class DedupConfig(_Strict):
-    """Exact (normalised-text hash) and MinHash near-duplicate removal; defaults are FineWeb's."""
+    """Exact (normalised-text hash) and MinHash near-duplicate removal; FineWeb's settings by default.
+
+    ``preset`` names the MinHash settings; ``n_grams``, ``buckets`` and ``hashes_per_bucket`` given
+    next to it override that one value.
+    """
 
     exact: bool = True
     minhash: bool = True
-    n_grams: int = Field(5, ge=1)
-    buckets: int = Field(14, ge=1)
-    hashes_per_bucket: int = Field(8, ge=1)
+    preset: Literal["fineweb", "light_edits"] = "fineweb"
+    n_grams: int | None = Field(None, ge=1)
+    buckets: int | None = Field(None, ge=1)
+    hashes_per_bucket: int | None = Field(None, ge=1)
     seed: int = 1
+
+    @model_validator(mode="after")
+    def _fill_from_preset(self) -> "DedupConfig":
+        for key, value in MINHASH_PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        return self
 
 
 class PerplexityConfig(_Strict):
@@ -113,6 +137,36 @@ class CurateConfig(_Strict):
     quality: dict[str, dict[str, Any]] = Field(default_factory=dict)
     perplexity: PerplexityConfig | None = None
     tasks: int = Field(1, ge=1, description="datatrove tasks (parallel workers) for each step")
+    executor: Literal["local", "slurm", "ray"] = "local"
+    executor_options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of datatrove's executor class
+
+    @model_validator(mode="after")
+    def _executor_options(self) -> "CurateConfig":
+        """Options are checked against the datatrove class, so a typo fails before any work."""
+        if self.executor == "local":
+            if self.executor_options:
+                raise ValueError("executor_options: only used by executor slurm or ray")
+            return self
+        try:
+            if self.executor == "slurm":
+                from datatrove.executor.slurm import SlurmPipelineExecutor as cls
+            else:
+                import ray  # noqa: F401  (datatrove's Ray executor needs it)
+                from datatrove.executor.ray import RayPipelineExecutor as cls
+        except ImportError as exc:
+            raise ValueError(f"executor {self.executor}: needs {exc.name} (pip install 'datatrove[{self.executor}]')") from None
+        import inspect
+
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "pipeline", "tasks", "logging_dir", "depends"}
+        unknown = sorted(set(self.executor_options) - accepted)
+        if unknown:
+            raise ValueError(f"executor_options.{unknown[0]}: not an option of {cls.__name__} ({', '.join(sorted(accepted))})")
+        required = sorted(n for n, p in inspect.signature(cls.__init__).parameters.items()
+                          if n in accepted and p.default is inspect.Parameter.empty)
+        missing = [n for n in required if n not in self.executor_options]
+        if missing:
+            raise ValueError(f"executor_options: {cls.__name__} needs {', '.join(missing)}")
+        return self
 
     @field_validator("quality", mode="before")
     @classmethod
@@ -137,6 +191,19 @@ class CurateConfig(_Strict):
         return bool(self.dedup or self.quality or self.perplexity)
 
 
+class Budget(_Strict):
+    """A per-source budget in ``limits``: documents or tokens (a plain number means documents)."""
+
+    documents: int | None = Field(None, ge=1)
+    tokens: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> "Budget":
+        if (self.documents is None) == (self.tokens is None):
+            raise ValueError("give exactly one of 'documents' or 'tokens'")
+        return self
+
+
 class DataSection(_Strict):
     """The ``data:`` section as users write it."""
 
@@ -145,11 +212,20 @@ class DataSection(_Strict):
     registry: str | None = None
     mix_strategy: Literal["round_robin", "sequential", "weighted"] = "round_robin"
     source_weights: list[float] | None = None
-    limits: dict[str, int] = Field(default_factory=dict)
+    limits: dict[str, Budget] = Field(default_factory=dict)
+    token_counter: str | None = None  # tokenizer.json (or a folder holding one) that counts token budgets
     min_text_length: int = Field(1, ge=0)
     stop: Literal["first_exhausted", "all_exhausted"] | None = None
     seed: int = 0
     curate: CurateConfig | None = None
+
+    @field_validator("limits", mode="before")
+    @classmethod
+    def _documents_by_default(cls, value: Any) -> Any:
+        """``limits: {wikipedia: 350}`` (seed 004's ``--dataset-limit wikipedia=350``) counts documents."""
+        if isinstance(value, dict):
+            return {k: {"documents": v} if isinstance(v, int) and not isinstance(v, bool) else v for k, v in value.items()}
+        return value
 
     @field_validator("source_weights")
     @classmethod
@@ -176,6 +252,8 @@ class Recipe(BaseModel):
     stop: str  # first_exhausted | all_exhausted (never repeats a document)
     seed: int
     curate: CurateConfig | None
+    token_counter: str | None = None  # resolved path of the tokenizer.json counting token budgets
+    token_counter_sha256: str | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -191,6 +269,7 @@ class Recipe(BaseModel):
             "min_text_length": self.min_text_length,
             "stop": self.stop,
             "seed": self.seed,
+            **({"token_counter_sha256": self.token_counter_sha256} if self.token_counter_sha256 else {}),
         }
 
     def fingerprint(self) -> str:
@@ -231,10 +310,33 @@ def _resolve(section: DataSection, registry: Registry, where: str) -> list[Sourc
     for name, limit in section.limits.items():
         if name not in seen:
             raise ShardError(f"{where}: data.limits.{name}: no such source (sources: {', '.join(seen)})")
-        if limit < 1:
-            raise ShardError(f"{where}: data.limits.{name}: must be at least 1 (got {limit})")
-        resolved[seen[name]] = resolved[seen[name]].model_copy(update={"limit": limit})
+        update = {"limit": limit.documents} if limit.documents else {"limit_tokens": limit.tokens}
+        resolved[seen[name]] = resolved[seen[name]].model_copy(update=update)
     return resolved
+
+
+def _token_counter(section: DataSection, sources: list[SourceConfig], where: str, base: Path) -> tuple[str, str] | None:
+    """The tokenizer.json that counts token budgets, and its sha256 (part of the recipe's identity:
+    another tokenizer gives other budgets), checked to load; None when no source has one."""
+    budgeted = [s.label for s in sources if s.limit_tokens is not None]
+    if section.token_counter is None:
+        if budgeted:
+            raise ShardError(f"{where}: data.token_counter: needed by the budget in tokens of {budgeted[0]} "
+                             f"(a tokenizer.json, or a folder holding one, to count with)")
+        return None
+    path = Path(section.token_counter)
+    path = path if path.is_absolute() else base / path
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise ShardError(f"{where}: data.token_counter: no such file {path}")
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
+        raise ShardError(f"{where}: data.token_counter: {path} is not a tokenizers tokenizer.json ({exc})") from None
+    return str(path), hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def recipe_from_mapping(data: dict[str, Any], where: str, base: Path) -> Recipe:
@@ -264,6 +366,7 @@ def recipe_from_mapping(data: dict[str, Any], where: str, base: Path) -> Recipe:
     elif section.source_weights is not None:
         raise ShardError(f"{where}: data.source_weights: only used by mix_strategy weighted (got {section.mix_strategy})")
     stop = section.stop or ("first_exhausted" if section.mix_strategy == "weighted" else "all_exhausted")
+    counter = _token_counter(section, sources, where, base)
     weights = None
     if section.source_weights:
         total = sum(section.source_weights)
@@ -271,6 +374,7 @@ def recipe_from_mapping(data: dict[str, Any], where: str, base: Path) -> Recipe:
     return Recipe(
         path=where, sources=sources, mix_strategy=section.mix_strategy, weights=weights,
         min_text_length=section.min_text_length, stop=stop, seed=section.seed, curate=section.curate,
+        token_counter=counter[0] if counter else None, token_counter_sha256=counter[1] if counter else None,
     )
 
 

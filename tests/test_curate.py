@@ -58,9 +58,18 @@ def curated(directory: Path) -> list[str]:
     return [d for p in load_manifest(directory).shard_paths(directory) for d in read_documents(p)]
 
 
-# FineWeb's 14 x 8 bands aim at Jaccard ~0.8; 5% of words replaced leaves 5-gram Jaccard ~0.63,
-# so the test catches the planted range with 3-grams and 20 bands of 5 (docs/data.md has the numbers).
-TUNED = {"n_grams": 3, "buckets": 20, "hashes_per_bucket": 5}
+# FineWeb's 14 x 8 bands aim at Jaccard ~0.8; 5% of words replaced leaves 5-gram Jaccard ~0.63, so the
+# planted 1-5% edits need the preset docs/data.md recommends for them (3-grams, 20 bands of 5).
+TUNED = {"preset": "light_edits"}
+
+
+def test_minhash_presets_fill_what_is_not_given_and_fineweb_is_the_default():
+    from sharder.recipe import DedupConfig
+
+    assert DedupConfig().model_dump() == {"exact": True, "minhash": True, "preset": "fineweb", "n_grams": 5,
+                                          "buckets": 14, "hashes_per_bucket": 8, "seed": 1}
+    tuned = DedupConfig(**TUNED, buckets=24)
+    assert (tuned.n_grams, tuned.buckets, tuned.hashes_per_bucket) == (3, 24, 5)
 
 
 def test_planted_near_and_exact_duplicates_are_removed_and_distinct_documents_kept(tmp_path):
@@ -230,3 +239,144 @@ def test_changing_the_dedup_keeps_the_filtered_shards_and_changing_a_filter_redo
     third = curate({"gopher_quality": {"min_doc_words": 100}}, {"minhash": False})
     assert set(third) - set(first)  # a new filter folder
     assert curated(out) == [prose * 3]
+
+
+# Slurm is not installed here; this stands in for its `sbatch` (and `scontrol show hostnames`, which
+# datatrove asks for the job's node list). It records each submission and,
+# with FAKE_SLURM_RUN=1, runs the job at once (every array index in turn, in submission order, which
+# is dependency order), so datatrove's real Slurm path runs: the pickled executor,
+# `launch_pickled_pipeline`, ranks_to_run.json and the completion markers.
+_SBATCH = """#!{python}
+import json, os, re, subprocess, sys
+args, script = sys.argv[1:-1], sys.argv[-1]
+text = open(script).read()
+last = int(re.search(r"#SBATCH --array=0-(\\d+)", text).group(1))
+name = re.search(r"#SBATCH --job-name=(\\S+)", text).group(1)
+with open(os.environ["FAKE_SLURM_LOG"], "a") as log:
+    job = sum(1 for _ in open(os.environ["FAKE_SLURM_LOG"])) + 100
+    log.write(json.dumps({{"job": job, "name": name, "tasks": last + 1, "args": args,
+                          "merge": "merge_stats" in text}}) + "\\n")
+if os.environ.get("FAKE_SLURM_RUN") == "1" and "merge_stats" not in text:  # datatrove's stats summary: skipped
+    for index in range(last + 1):
+        subprocess.run(["bash", script], env={{**os.environ, "SLURM_ARRAY_TASK_ID": str(index), "SLURM_NODELIST": "localhost"}}, check=True,
+                       stdout=subprocess.DEVNULL, stderr=open(os.environ["FAKE_SLURM_LOG"] + ".err", "a"))
+print(f"Submitted batch job {{job}}")
+"""
+
+
+def _slurm(tmp_path: Path, monkeypatch) -> tuple[Path, CurateConfig, Path]:
+    """A 3-shard corpus, the stand-in ``sbatch``/``scontrol`` on PATH, and a Slurm curate config."""
+    docs = planted_corpus(distinct=60, near=20, exact=10)
+    source = shard_dir(tmp_path, [t for _, t in docs], lines_per_shard=30)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(_SBATCH.format(python=sys.executable))
+    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "$3"\n')  # scontrol show hostnames NODELIST
+    for tool in ("sbatch", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    log = tmp_path / "sbatch.jsonl"
+    monkeypatch.setenv("PATH", f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("FAKE_SLURM_LOG", str(log))
+    config = CurateConfig(dedup={**TUNED, "buckets": 4}, quality={"gopher_repetition": {}}, tasks=2, executor="slurm",
+                          executor_options={"partition": "cpu", "time": "01:00:00", "with_srun": False})
+    return source, config, log
+
+
+def _submitted(log: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_slurm_executor_submits_each_step_as_a_job_array_of_its_tasks_each_after_the_one_before(tmp_path, monkeypatch):
+    from sharder.curate.run import CurateLaunched
+
+    source, config, log = _slurm(tmp_path, monkeypatch)
+    monkeypatch.setenv("FAKE_SLURM_RUN", "0")
+    with pytest.raises(CurateLaunched, match="7 datatrove steps submitted to Slurm"):
+        run_curate(source, tmp_path / "out", config, Console(file=io.StringIO()))
+    jobs = [j for j in _submitted(log) if not j["merge"]]
+    assert [(j["name"], j["tasks"]) for j in jobs] == [(f"podtrain-curate-{name}", tasks) for name, tasks in [
+        ("filter", 2), ("exact_sigs", 2), ("exact_dups", 1), ("mh_sigs", 2), ("mh_buckets", 4), ("mh_remove", 1),
+        ("write", 2)]]
+    for before, after in zip(jobs, jobs[1:]):
+        assert f"--dependency=afterok:{before['job']}" in after["args"]
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"sources": ["fineweb"], "curate": config.model_dump()}}))
+    cli = _curate_cli(source, tmp_path / "out", recipe)
+    assert cli.wait() == 75  # submitted, not done: rerun once the jobs have finished
+    # datatrove's own lines name each job and its launch script; ours comes last
+    assert cli.stderr.read().strip().splitlines()[-1].startswith("curate: 7 datatrove steps submitted to Slurm")
+
+
+@pytest.mark.slow
+def test_slurm_run_through_datatrove_matches_the_local_executor_byte_for_byte(tmp_path, monkeypatch):
+    source, config, log = _slurm(tmp_path, monkeypatch)
+    monkeypatch.setenv("FAKE_SLURM_RUN", "1")
+    run_curate(source, tmp_path / "slurm", config, Console(file=io.StringIO()))
+    local = config.model_copy(update={"executor": "local", "executor_options": {}})
+    run_curate(source, tmp_path / "local", local, Console(file=io.StringIO()))
+    digest = {d: [(s.name, s.sha256) for s in load_manifest(tmp_path / d).shards] for d in ("slurm", "local")}
+    assert digest["slurm"] == digest["local"] and digest["local"]
+    assert load_manifest(tmp_path / "local").total_lines < load_manifest(source).total_lines
+    submitted = len(_submitted(log))
+    (tmp_path / "slurm" / "manifest.json").unlink()
+    run_curate(source, tmp_path / "slurm", config, Console(file=io.StringIO()))  # every step marked done
+    assert len(_submitted(log)) == submitted and load_manifest(tmp_path / "slurm").complete
+
+
+@pytest.mark.parametrize(("curate", "message"), [
+    ({"executor": "slurm", "executor_options": {"time": "1:00:00"}}, "SlurmPipelineExecutor needs partition"),
+    ({"executor": "slurm", "executor_options": {"partition": "a", "time": "1", "gpus": 1}},
+     "executor_options.gpus: not an option of SlurmPipelineExecutor"),
+    ({"executor_options": {"partition": "a"}}, "executor_options: only used by executor slurm or ray"),
+])
+def test_executor_settings_are_checked_before_any_work(curate, message):
+    with pytest.raises(Exception, match=message):
+        CurateConfig(**curate)
+
+
+# A hand-written KenLM model (ARPA text; KenLM wants at least bigrams): three known words, <unk> unlikely.
+_ARPA = """\\data\\
+ngram 1=6
+ngram 2=1
+
+\\1-grams:
+-3.0\t<unk>\t0
+-99\t<s>\t0
+-0.6\t</s>\t0
+-0.4\triver\t0
+-0.5\tstone\t0
+-0.6\tlight\t0
+
+\\2-grams:
+-0.2\triver stone
+
+\\end\\
+"""
+
+
+def test_perplexity_filter_scores_with_a_kenlm_model_file_when_given(tmp_path):
+    kenlm = pytest.importorskip("kenlm", reason="the kenlm extra (pip install 'podtrain[kenlm]') is not installed")
+    (tmp_path / "lm.arpa").write_text(_ARPA, encoding="utf-8")
+    rng = random.Random(2)
+    known = [" ".join(rng.choice(["river", "stone", "light"]) for _ in range(rng.randrange(3, 12))) for _ in range(12)]
+    unknown = [" ".join(rng.choice(["xylem", "quartz", "vortex"]) for _ in range(rng.randrange(3, 12))) for _ in range(6)]
+    texts = [t for pair in zip(known, unknown + [None] * 6) for t in pair if t is not None]
+    source = shard_dir(tmp_path, texts, lines_per_shard=7)
+    ppl = {"kenlm_model": str(tmp_path / "lm.arpa"), "max_perplexity": 50}
+    summary = run_curate(source, tmp_path / "out", CurateConfig(perplexity=ppl), Console(file=io.StringIO()))
+    assert curated(tmp_path / "out") == [t for t in texts if t in known]
+    assert summary["perplexity_threshold"] == 50
+    model = kenlm.Model(str(tmp_path / "lm.arpa"))
+    (scores_dir,) = (tmp_path / "out" / ".curate").glob("scores-*")
+    import numpy as np
+
+    every = np.concatenate([np.load(p) for p in sorted(scores_dir.glob("*.npy"))])
+    assert np.allclose(every, [model.perplexity(t) for t in curated(source)])
+    with pytest.raises(Exception, match=r"data.curate.perplexity.kenlm_model .*nowhere.arpa: no such file"):
+        run_curate(source, tmp_path / "bad", CurateConfig(perplexity={**ppl, "kenlm_model": str(tmp_path / "nowhere.arpa")}))

@@ -106,6 +106,7 @@ def test_qa_fields_are_formatted_exactly_and_min_text_length_applies_per_source(
     ({"sources": [{"type": "hf", "dataset": "x/y", "fields": ["q"], "format": "{q} {a}"}]},
      "format uses a which is not in fields"),
     ({"sources": ["c4"], "limits": {"wikipedia": 3}}, "data.limits.wikipedia: no such source"),
+    ({"sources": ["c4"], "limits": {"c4": 0}}, "data.limits.c4.documents: Input should be greater than or equal to 1"),
     ({"sources": ["c4"], "curate": {"quality": ["gopher"]}}, "unknown quality filter 'gopher'"),
     ({"sources": ["c4", {"type": "pdf"}]}, "data.sources[1]: type pdf needs 'path'"),
     ({"sources": ["c4"], "custom_sources": [{"type": "hf", "dataset": "x/y", "split": 3}]},
@@ -272,3 +273,45 @@ def test_orchestrate_data_recipe_shards_curates_and_tokenizes_the_curated_shards
     assert list((workspace / "cache" / "mix" / "tokens" / "train").glob("*"))
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     assert again.returncode == 0 and "[stage] curate: done earlier with the same inputs, skipped" in again.stdout
+
+
+def _word_tokenizer(path: Path, words: list[str]) -> Path:
+    """A tokenizer.json giving one id per whitespace-separated word, so token counts are word counts."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(sorted(set(words)))}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(path))
+    return path
+
+
+def test_limits_in_tokens_take_documents_until_the_budget_is_reached_and_the_counter_is_part_of_the_recipe(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", texts("alpha", 50))  # "alpha document i": 3 tokens + end-of-text each
+    write_jsonl(tmp_path / "b.jsonl", [{"text": "beta " * (i + 1)} for i in range(10)])  # i+1 tokens + 1
+    _word_tokenizer(tmp_path / "tokenizer.json", ["alpha", "document", "beta"])
+    data = {"sources": [{"type": "files", "path": "a.jsonl", "name": "a"}, {"type": "files", "path": "b.jsonl", "name": "b"}],
+            "mix_strategy": "sequential", "limits": {"a": {"tokens": 30}, "b": {"tokens": 10}}, "token_counter": "."}
+    docs = shard(write_recipe(tmp_path / "r.yaml", data), tmp_path / "out")
+    # a: 4 tokens a document, the 8th reaches 32 >= 30; b: 2+3+4 = 9, the 4th reaches 14 >= 10
+    assert docs == [f"alpha document {i}" for i in range(8)] + ["beta " * (i + 1) for i in range(4)]
+    assert {k: v[0] for k, v in load_manifest(tmp_path / "out").source_totals().items()} == {"a": 8, "b": 4}
+    first = load_recipe(tmp_path / "r.yaml").fingerprint()
+    _word_tokenizer(tmp_path / "tokenizer.json", ["alpha", "beta"])  # another counter: another recipe
+    assert load_recipe(tmp_path / "r.yaml").fingerprint() != first
+    with pytest.raises(ShardError, match=r"r.yaml: data.token_counter: needed by the budget in tokens of a \("):
+        load_recipe(write_recipe(tmp_path / "r.yaml", {**data, "token_counter": None}))
+    with pytest.raises(ShardError, match=r"r.yaml: data.token_counter: no such file .*nowhere.json$"):
+        load_recipe(write_recipe(tmp_path / "r.yaml", {**data, "token_counter": "nowhere.json"}))
+    with pytest.raises(ShardError, match=r"data.limits.a: give exactly one of 'documents' or 'tokens'"):
+        load_recipe(write_recipe(tmp_path / "r.yaml", {**data, "limits": {"a": {"documents": 3, "tokens": 4}}}))
+
+
+def test_a_recipe_inside_a_training_config_is_its_data_section(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", texts("alpha", 3))
+    config = {"name": "mix", "model": {"hidden_size": 64, "num_layers": 2}, "train": {"lr": 0.003},
+              "data": {"sources": [{"type": "files", "path": "a.jsonl", "name": "a"}], "min_text_length": 5}}
+    (tmp_path / "preset.json").write_text(json.dumps(config), encoding="utf-8")
+    recipe = load_recipe(tmp_path / "preset.json")
+    assert recipe.labels == ["a"] and recipe.min_text_length == 5
+    assert shard(tmp_path / "preset.json", tmp_path / "out") == [f"alpha document {i}" for i in range(3)]

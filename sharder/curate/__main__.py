@@ -1,7 +1,8 @@
 """``python -m sharder.curate INPUT_DIR OUTPUT_DIR --data RECIPE``: the curate stage on its own.
 
-Exit codes as ``fineweb-sharder``: 0 done, 2 user error (one line on stderr). Killed at any point,
-the same command resumes at the first datatrove task without a completion marker.
+Exit codes as ``fineweb-sharder``: 0 done, 2 user error (one line on stderr), and 75 (EX_TEMPFAIL)
+when the steps were submitted to Slurm: run the same command again once the jobs have finished.
+Killed at any point, the same command resumes at the first datatrove task without a completion marker.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def curate(
     """Dedup (exact + MinHash) and filter (quality, perplexity) text shards, as the recipe says."""
     from rich.console import Console
 
-    from sharder.curate.run import run_curate
+    from sharder.curate.run import CurateLaunched, run_curate
     from sharder.recipe import load_recipe
 
     console = Console(stderr=True)
@@ -35,6 +36,9 @@ def curate(
         if recipe.curate is None or not recipe.curate.active:
             raise ShardError(f"{data}: data.curate: nothing to do (set dedup, quality or perplexity)")
         run_curate(input_dir, output_dir, recipe.curate, console)
+    except CurateLaunched as exc:
+        console.print(str(exc), highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
     except ShardError as exc:
         console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(EXIT_USER_ERROR) from None

@@ -1,7 +1,8 @@
 """``run_curate``: a text shard directory in, a curated one out, through datatrove executors.
 
-Steps (each a datatrove ``LocalPipelineExecutor`` whose ``logging_dir`` holds its per-task
-completion markers, so a killed run resumes at the first unfinished task):
+Steps (each run by a datatrove executor, local by default, Slurm or Ray when the recipe says so,
+whose ``logging_dir`` holds its per-task completion markers, so a killed run resumes at the first
+unfinished task):
 
 1. ``scores``  perplexity side files (only with a perplexity filter), keyed by model and input;
 2. ``filter``  named quality filters and the perplexity threshold, keyed by their settings;
@@ -20,6 +21,7 @@ import contextlib
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +53,78 @@ def _normalised(doc: Any) -> bytes:
     return simplify_text(doc.text).encode()
 
 
-def _execute(pipeline: list[Any], tasks: int, logs: Path, workers: int = 1) -> None:
-    """Run one datatrove step list; its per-task logs go to ``logs/logs/`` and not the terminal
-    (datatrove adds a stderr sink and progress bars for every task, which would bury our table)."""
-    from datatrove.executor.local import LocalPipelineExecutor
+@dataclass
+class Step:
+    """One datatrove step list run as ``tasks`` tasks; ``logs`` holds its per-task completion markers."""
 
+    name: str  # names the cluster job: podtrain-curate-<name>
+    pipeline: list[Any]
+    tasks: int
+    logs: Path
+    workers: int = 1
+
+    def done(self) -> bool:
+        return all((self.logs / "completions" / f"{rank:05d}").exists() for rank in range(self.tasks))
+
+
+class CurateLaunched(ShardError):
+    """Steps were handed to a cluster executor that returns at once (Slurm): rerun when they finish.
+
+    ``exit_code`` 75 (EX_TEMPFAIL, "try again later"): nothing is wrong and nothing is done yet;
+    ``orchestrate`` exits with it too when its curate stage submits.
+    """
+
+    exit_code = 75
+
+
+def executors(steps: list[Step], config: CurateConfig) -> list[Any]:
+    """The datatrove executor of ``config.executor`` for each step, each depending on the one before.
+
+    ``local`` runs a step's tasks in this process and its forks; ``slurm`` and ``ray`` get datatrove's
+    own executors with ``config.executor_options`` (partition, time, cpus_per_task, ...) and a
+    ``depends`` chain, so the cluster starts a step only after the previous one has finished.
+    """
+    built: list[Any] = []
+    for step in steps:
+        if config.executor == "local":
+            from datatrove.executor.local import LocalPipelineExecutor
+
+            built.append(LocalPipelineExecutor(pipeline=step.pipeline, tasks=step.tasks,
+                                               workers=min(step.workers, step.tasks), logging_dir=str(step.logs),
+                                               start_method="fork"))
+            continue
+        if config.executor == "slurm":
+            from datatrove.executor.slurm import SlurmPipelineExecutor as cls
+        else:
+            from datatrove.executor.ray import RayPipelineExecutor as cls
+        options = {"job_name": f"podtrain-curate-{step.name}"} if config.executor == "slurm" else {}
+        built.append(cls(pipeline=step.pipeline, tasks=step.tasks, logging_dir=str(step.logs),
+                         depends=built[-1] if built else None, **{**options, **config.executor_options}))
+    return built
+
+
+def _run_steps(steps: list[Step], config: CurateConfig) -> None:
+    """Run ``steps`` in order on the recipe's executor; each skips the tasks already marked complete.
+
+    datatrove adds a stderr sink and progress bars for every task, which would bury our table, so a
+    local run's task logs go to ``logs/logs/`` only. Slurm's launch returns at once: the steps left
+    are submitted as one dependent chain and ``CurateLaunched`` says to rerun once they are done.
+    """
+    pending = [step for step in steps if not step.done()]
+    if not pending:
+        return
+    chain = executors(pending, config)
     with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
-        LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logs),
-                              start_method="fork").run()
+        if config.executor == "local":
+            for executor in chain:
+                executor.run()
+        else:
+            chain[-1].run()  # launches (Slurm) or runs (Ray) every dependency first
+    if config.executor == "slurm" and not all(step.done() for step in pending):
+        raise CurateLaunched(
+            f"curate: {len(pending)} datatrove steps submitted to Slurm (logs under {pending[0].logs.parent}); "
+            f"run the same command again once they have finished to write the curated manifest"
+        )
 
 
 def _entries(directory: Path, names: list[str], labels: list[str] | None) -> list[ShardEntry]:
@@ -101,18 +167,24 @@ def source_labels(source: dict[str, Any]) -> list[str] | None:
     return source.get("labels")
 
 
-def _pass(input_dir: Path, output_dir: Path, steps: list[Any], tasks: int, logs: Path, gzip: bool,
-          names: list[str]) -> None:
+def _pass(name: str, input_dir: Path, output_dir: Path, steps: list[Any], tasks: int, logs: Path, gzip: bool,
+          names: list[str], missing_ok: bool = False) -> Step:
+    """Read ``names`` from ``input_dir``, apply ``steps``, write what is left under the same names."""
     from sharder.curate.shardio import TextShardReader, TextShardWriter
 
     output_dir.mkdir(parents=True, exist_ok=True)
     shards = [str(input_dir / n) for n in names]
-    _execute([TextShardReader(shards), *steps, TextShardWriter(str(output_dir), gzip)], tasks, logs, tasks)
+    return Step(name, [TextShardReader(shards, missing_ok), *steps, TextShardWriter(str(output_dir), gzip)],
+                tasks, logs, tasks)
 
 
 def _dedup_steps(work: Path, config: Any, tasks: int, input_dir: Path, names: list[str], gzip: bool,
-                 output_dir: Path) -> None:
-    """Exact then MinHash dedup of ``input_dir`` into ``output_dir`` (datatrove's steps)."""
+                 output_dir: Path, missing_ok: bool) -> list[Step]:
+    """Exact then MinHash dedup of ``input_dir`` into ``output_dir`` (datatrove's steps).
+
+    ``missing_ok``: the input is a filter step's output, where a shard whose every document was
+    dropped does not exist (the filter may not have run yet when a cluster chain is built).
+    """
     from datatrove.pipeline.dedup import ExactDedupFilter, ExactDedupSignature, ExactFindDedups
     from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
     from datatrove.pipeline.dedup.minhash import (
@@ -122,24 +194,26 @@ def _dedup_steps(work: Path, config: Any, tasks: int, input_dir: Path, names: li
     from sharder.curate.shardio import TextShardReader
 
     shards = [str(input_dir / n) for n in names]
+    steps: list[Step] = []
     before: list[Any] = []
     if config.exact:
         exact = ExactDedupConfig(content_getter=_normalised)
-        _execute([TextShardReader(shards), ExactDedupSignature(str(work / "exact_sigs"), exact)], tasks,
-                 work / "logs" / "exact_sigs", tasks)
-        _execute([ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), exact)], 1,
-                 work / "logs" / "exact_dups")
+        steps.append(Step("exact_sigs", [TextShardReader(shards, missing_ok), ExactDedupSignature(str(work / "exact_sigs"), exact)],
+                          tasks, work / "logs" / "exact_sigs", tasks))
+        steps.append(Step("exact_dups", [ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), exact)], 1,
+                          work / "logs" / "exact_dups"))
         before.append(ExactDedupFilter(str(work / "exact_dups"), exact))
     if config.minhash:
         minhash = minhash_config(config)
-        _execute([TextShardReader(shards), *before, MinhashDedupSignature(str(work / "mh_sigs"), minhash)], tasks,
-                 work / "logs" / "mh_sigs", tasks)
-        _execute([MinhashDedupBuckets(str(work / "mh_sigs"), str(work / "mh_buckets"), config=minhash)],
-                 config.buckets, work / "logs" / "mh_buckets", tasks)
-        _execute([MinhashDedupCluster(str(work / "mh_buckets"), str(work / "mh_remove"), config=minhash)], 1,
-                 work / "logs" / "mh_remove")
+        steps.append(Step("mh_sigs", [TextShardReader(shards, missing_ok), *before, MinhashDedupSignature(str(work / "mh_sigs"), minhash)],
+                          tasks, work / "logs" / "mh_sigs", tasks))
+        steps.append(Step("mh_buckets", [MinhashDedupBuckets(str(work / "mh_sigs"), str(work / "mh_buckets"), config=minhash)],
+                          config.buckets, work / "logs" / "mh_buckets", tasks))
+        steps.append(Step("mh_remove", [MinhashDedupCluster(str(work / "mh_buckets"), str(work / "mh_remove"), config=minhash)], 1,
+                          work / "logs" / "mh_remove"))
         before.append(MinhashDedupFilter(str(work / "mh_remove")))
-    _pass(input_dir, output_dir, before, tasks, work / "logs" / "write", gzip, names)
+    steps.append(_pass("write", input_dir, output_dir, before, tasks, work / "logs" / "write", gzip, names, missing_ok))
+    return steps
 
 
 def minhash_config(config: Any) -> Any:
@@ -178,7 +252,8 @@ def run_curate(input_dir: Path, output_dir: Path, config: CurateConfig, console:
     names = [s.name for s in source.shards]
     gzip = any(n.endswith(".gz") for n in names)
     work = output_dir / WORK
-    final_fp = _fp(CURATE_VERSION, source.fingerprint(), config.model_dump())
+    settings = config.model_dump(exclude={"executor", "executor_options"})  # where it runs changes no byte
+    final_fp = _fp(CURATE_VERSION, source.fingerprint(), settings)
     marker = work / "output.fingerprint"
     if not marker.exists() or marker.read_text() != final_fp:
         for path in [*shard_files(output_dir), *output_dir.glob("shard_*.sources")]:
@@ -194,24 +269,27 @@ def run_curate(input_dir: Path, output_dir: Path, config: CurateConfig, console:
         score_fp = _fp(source.fingerprint(), p.checkpoint, p.tag, p.tokenizer, p.kenlm_model, p.max_tokens)
         scores_dir = work / f"scores-{score_fp}"
         scores_dir.mkdir(parents=True, exist_ok=True)
-        _execute([TextShardReader([str(input_dir / n) for n in names]), PerplexityScorer(p, str(scores_dir))],
-                 config.tasks, scores_dir / "logs", config.tasks)
+        # the threshold needs every score, so scoring runs (or is submitted) on its own first
+        _run_steps([Step("scores", [TextShardReader([str(input_dir / n) for n in names]), PerplexityScorer(p, str(scores_dir))],
+                         config.tasks, scores_dir / "logs", config.tasks)], config)
         limit = threshold(p, load_scores(scores_dir))
         counts["perplexity_threshold"] = round(limit, 3)
         filter_steps.append(PerplexityFilter(str(scores_dir), limit))
         filter_fp = _fp(filter_fp, score_fp, limit)
     current = input_dir
+    steps: list[Step] = []
     if filter_steps:
         target = output_dir if config.dedup is None else work / f"filter-{filter_fp}"
-        _pass(input_dir, target, filter_steps, config.tasks, work / f"filter-{filter_fp}-logs", gzip, names)
+        steps.append(_pass("filter", input_dir, target, filter_steps, config.tasks, work / f"filter-{filter_fp}-logs", gzip, names))
         current = target
-        counts["after_filters"] = sum(e.lines for e in _entries(target, names, None))
     if config.dedup is not None:
         dedup_fp = _fp(filter_fp, config.dedup.model_dump(), config.tasks)
-        left = [n for n in names if (current / n).exists()]  # the filters may have emptied a shard
-        if left:
-            _dedup_steps(work / f"dedup-{dedup_fp}", config.dedup, config.tasks, current, left, gzip, output_dir)
-    elif current == input_dir:  # nothing to do: copy the shards as they are
+        steps += _dedup_steps(work / f"dedup-{dedup_fp}", config.dedup, config.tasks, current, names, gzip, output_dir,
+                              missing_ok=current != input_dir)
+    _run_steps(steps, config)
+    if filter_steps:
+        counts["after_filters"] = sum(e.lines for e in _entries(current, names, None))
+    if not steps:  # nothing to do: copy the shards as they are
         for n in names:
             for path in (input_dir / n, sources_file(input_dir / n)):
                 if path.exists():
@@ -220,7 +298,7 @@ def run_curate(input_dir: Path, output_dir: Path, config: CurateConfig, console:
     entries = _entries(output_dir, names, labels)
     manifest = Manifest(
         source={"type": "curated", "from": str(input_dir), "input_fingerprint": source.fingerprint(),
-                "curate": config.model_dump(), "version": CURATE_VERSION, "labels": labels},
+                "curate": settings, "version": CURATE_VERSION, "labels": labels},
         mode=source.mode, split=source.split, settings=source.settings, shards=entries,
         resume={"curate_fingerprint": final_fp}, complete=True,
     )

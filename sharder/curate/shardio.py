@@ -30,12 +30,16 @@ class TextShardReader(PipelineStep):
     name = "text shards"
     type = "📖 - READER"
 
-    def __init__(self, shards: list[str]) -> None:
+    def __init__(self, shards: list[str], missing_ok: bool = False) -> None:
+        """``missing_ok``: the shards are a filter step's output, which omits a shard left empty."""
         super().__init__()
         self.shards = shards
+        self.missing_ok = missing_ok
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         for path in self.shards[rank::world_size]:
+            if self.missing_ok and not Path(path).exists():
+                continue
             name = Path(path).name
             sources = line_sources(Path(path))
             for line, text in enumerate(read_documents(path)):

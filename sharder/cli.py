@@ -78,4 +78,14 @@ def main() -> None:
     # `datasets` logs its own copy of every error we report in one line; keep only ours. Set
     # through the environment because `datasets` must not be imported before HF_HOME is chosen.
     os.environ.setdefault("DATASETS_VERBOSITY", "critical")
-    app(args=spread_multi_value_flags(sys.argv[1:], INPUT_FLAGS), prog_name="fineweb-sharder")
+    try:
+        app(args=spread_multi_value_flags(sys.argv[1:], INPUT_FLAGS), prog_name="fineweb-sharder")
+    except SystemExit as exc:
+        if exc.code in (None, 0):
+            raise
+        # A failed run (its one line already printed) leaves without interpreter teardown: pyarrow's
+        # reader threads, stopped mid-read, can otherwise abort the process at exit ("terminate
+        # called without an active exception", exit -6) and hide the exit code the user scripts on.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.code if isinstance(exc.code, int) else 1)

@@ -206,8 +206,11 @@ def find_source(name: str) -> Source:
     for source in SOURCES:
         if name == source.name or name in source.aliases:
             return source
-    known = ", ".join(s.aliases[0] for s in SOURCES)
-    raise KeyError(f"{name!r} is not a seed-004 source (known: {known})")
+    raise KeyError(find_source_error(name))
+
+
+def find_source_error(name: str) -> str:
+    return f"{name!r} is not a seed-004 source (known: {', '.join(s.name for s in SOURCES)})"
 
 
 def _local_builder(path: Path) -> str:

@@ -2,10 +2,11 @@
 
     orchestrate --mode cloud|local --input PATH... --experiment NAME --train-shard-lines N
                 [--validation PATH...] [--reuse-shards] [--tokenizer-json PATH] [--config CONFIG]
-                [--workspace ROOT] [--dry-run] [--stop-after STAGE] [key=value ...]
+                [--workspace ROOT] [--dry-run] [--stop-after STAGE] [--stages pretrain,instruct,tool,reasoning]
+                [key=value ...] [instruct.key=value ...]
 
 Environment knobs (the pod's): RUN_EXPERIMENT (--experiment), RUN_CONFIG (--config), RUN_SHARD
-(1: shard the inputs, 0: reuse existing shards), SHARD_LINES (--train-shard-lines).
+(1: shard the inputs, 0: reuse existing shards), SHARD_LINES (--train-shard-lines), RUN_STAGES (--stages).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import typer
 from rich.console import Console
 
 from orchestrator.pipeline import Pipeline, PipelineError, PipelineOptions
+from orchestrator.sft_stages import parse_stages
 from orchestrator.stages import STAGE_NAMES, StageFailed, summary_table
 from sharder.argv import spread_multi_value_flags
 
@@ -59,6 +61,8 @@ def pipeline(
     tokenizer_sample_gb: float = typer.Option(2.0, "--tokenizer-sample-gb", help="text sampled to train the tokenizer"),
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1,
                                                  help="training processes (default: one per GPU); more than one runs torchrun"),
+    stages: str = typer.Option("pretrain", "--stages", envvar="RUN_STAGES",
+                               help="pretrain,instruct,tool,reasoning (a subset, in order); SFT stages read orchestrate sft prepare's files"),
 ) -> None:
     """The whole pipeline: layout -> shard -> tokenizer -> emit -> train, each stage skipped when done.
 
@@ -69,13 +73,18 @@ def pipeline(
         print(f"orchestrate: error: --mode {mode!r}: expected cloud or local", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE)
     shard_env = _run_shard_env()
+    try:
+        stage_list = parse_stages(stages)
+    except ValueError as exc:
+        print(f"orchestrate: error: {exc}", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
     shard = not reuse_shards and shard_env is not False  # without --input, Pipeline names the flag
     console = Console(highlight=False, soft_wrap=True)
     opts = PipelineOptions(mode=mode, inputs=list(inputs or []), validation=list(validation or []), experiment=experiment,
                            train_shard_lines=train_shard_lines, shard=shard, tokenizer_json=tokenizer_json, config=config,
                            workspace=workspace, stop_after=stop_after, overrides=list(overrides or []), val_ratio=val_ratio,
                            take=take, gzip=gzip, text_field=text_field, tokenizer_sample_bytes=int(tokenizer_sample_gb * 1e9),
-                           nproc=nproc_per_node, data=data)
+                           nproc=nproc_per_node, data=data, stages=stage_list)
     try:
         pipe = Pipeline(opts, console)
         console.print(f"orchestrate: mode {mode}, experiment {pipe.layout.experiment}, workspace {pipe.layout.root}, "

@@ -79,9 +79,13 @@ def test_an_alias_and_its_canonical_key_must_agree_in_a_file(tmp_path) -> None:
         load_config(path)
 
 
-def test_init_from_is_not_an_alias_and_says_what_to_use(base) -> None:
-    with pytest.raises(ConfigError, match=r"init_from: unknown key \(no podtrain equivalent: start from a checkpoint with --resume"):
-        load_config(base, ["init_from=resume"])
+def test_dataset_is_not_an_alias_and_says_what_to_use(base) -> None:
+    with pytest.raises(ConfigError, match=r"dataset: unknown key \(no podtrain equivalent: point train_data/val_data at token shards"):
+        load_config(base, ["dataset=openwebtext"])
+
+
+def test_init_from_is_a_podtrain_key(base) -> None:
+    assert load_config(base, ["init_from=resume"]).init_from == "resume"
 
 
 def test_seed_001_command_line_as_written(byte_corpus, tmp_path) -> None:

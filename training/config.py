@@ -178,6 +178,8 @@ class TrainConfig(_Strict):
     eval_every: int = Field(500, ge=1)
     eval_steps: int = Field(50, ge=1)
     eval_only: bool = Field(False, description="Evaluate the (resumed) model once and exit without training")
+    init_from: str = Field("scratch", min_length=1, description="scratch | resume | a podtrain checkpoint (weights only, "
+                           "fresh optimizer) | a Hugging Face folder or hub id (Llama, GPT-2); see training/init.py")
     always_save_checkpoint: bool = Field(True, description="False: periodic checkpoints only when val loss improved")
     use_wandb: bool = False
     wandb_project: str = "light-llm"

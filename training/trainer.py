@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from training import checkpoint as ckpt
+from training import init
 from training.checkpointer import Checkpointer
 from training.config import TrainConfig
 from training.data import BatchLoader, Prefetcher, TokenStream, iter_eval_batches, resolve_shards
@@ -143,6 +144,9 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
           console: Console | None = None) -> TrainResult:
     """Train ``cfg`` to ``num_steps`` (or until stopped); returns what happened, never sys.exits."""
     start_time = time.monotonic()
+    cfg = init.resolve_config(cfg)  # the model (and tokenizer) of init_from's checkpoint or HF model
+    if cfg.init_from == init.RESUME and resume is None:
+        resume = "auto"
     dist = setup(cfg.distributed, cfg.device)
     explicit_dtype = "dtype" in cfg.model_fields_set
     precision = resolve_precision(cfg.dtype, explicit_dtype, dist.device, fsdp=dist.strategy == "fsdp")
@@ -177,6 +181,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
     else:
         if resume == "auto":
             log.info(f"no checkpoint in {ckpt_dir}: starting fresh")
+        init.load_initial_weights(cfg, net, dist, log.info)  # before the per-rank seed: every rank loads the same
         torch.manual_seed(cfg.seed + dist.rank)  # per-rank dropout streams; init above was identical
         if cfg.active_expert is not None:
             moe.load_expert_run_start(net, cfg, dist, log.info)

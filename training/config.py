@@ -207,9 +207,7 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _sft_defaults(self) -> "TrainConfig":
         """An SFT stage takes seed 004's fine-tuning lr and warmup unless the config sets them."""
-        if self.stage == "pretrain":
-            if "sft" in self.model_fields_set:
-                raise ValueError("sft: only read by a fine-tuning stage; set stage: instruct, tool or reasoning")
+        if self.stage == "pretrain":  # an sft section is ignored (every saved config carries one)
             return self
         if not self.tokenizer_path:
             raise ValueError(f"tokenizer_path: stage {self.stage} needs the chat tokenizer bundle (orchestrate sft prepare writes it)")

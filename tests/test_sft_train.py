@@ -1,0 +1,61 @@
+"""A fine-tuning stage runs on the pretraining loop: seed-004 defaults, exact resume, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sft_support import make_chat_bundle, tiny_model_config
+from training.config import ConfigError, validate_config
+from training.sft.template import ChatTokenizer
+from training.trainer import train
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory: pytest.TempPathFactory) -> ChatTokenizer:
+    return make_chat_bundle(tmp_path_factory.mktemp("chat"))
+
+
+def _config(chat: ChatTokenizer, root: Path, **extra) -> dict:
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / "instruct.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"count to {i}", "output": " ".join(map(str, range(i % 9 + 1)))}) + "\n"
+                            for i in range(60)))
+    return {"stage": "instruct", "train_data": str(data), "val_data": str(data), "tokenizer_path": str(chat.directory),
+            "seq_len": 64, "batch_size": 4, "num_steps": 8, "checkpoint_dir": str(root / "ckpt"), "save_every": 4,
+            "log_every": 1, "eval_every": 4, "eval_steps": 2, "num_workers": 1, "device": "cpu",
+            "model": tiny_model_config(chat.vocab_size), **extra}
+
+
+def test_seed004_defaults_apply_to_sft_stages_only(chat: ChatTokenizer, tmp_path: Path) -> None:
+    cfg = validate_config(_config(chat, tmp_path, num_steps=1000))
+    assert (cfg.optimizer.lr, cfg.scheduler.warmup_steps, cfg.optimizer.weight_decay, cfg.optimizer.grad_clip) == (1e-5, 30, 0.1, 1.0)
+    assert cfg.sft.packing == "packed"
+    own = validate_config(_config(chat, tmp_path, optimizer={"lr": 2e-5}, scheduler={"warmup_steps": 7}))
+    assert (own.optimizer.lr, own.scheduler.warmup_steps) == (2e-5, 7)
+    pretrain = validate_config({"train_data": "x"})
+    assert pretrain.optimizer.lr == 3e-4
+    with pytest.raises(ConfigError, match="tokenizer_path: stage tool needs the chat tokenizer bundle"):
+        validate_config({"train_data": "x.jsonl", "stage": "tool"})
+
+
+@pytest.mark.parametrize("packing", ["packed", "padded"])
+def test_an_interrupted_stage_resumes_on_the_same_loss_curve(chat: ChatTokenizer, tmp_path: Path, packing: str) -> None:
+    first = train(validate_config(_config(chat, tmp_path / "b", sft={"packing": packing}, optimizer={"lr": 1e-3}, num_steps=4,
+                                          scheduler={"total_steps": 8, "warmup_steps": 1})))
+    assert first.step == 4
+    rest = train(validate_config(_config(chat, tmp_path / "b", sft={"packing": packing}, optimizer={"lr": 1e-3},
+                                         scheduler={"total_steps": 8, "warmup_steps": 1})), resume="auto")
+    whole_same = train(validate_config(_config(chat, tmp_path / "c", sft={"packing": packing}, optimizer={"lr": 1e-3},
+                                               scheduler={"total_steps": 8, "warmup_steps": 1})))
+    assert whole_same.exit_code == 0 and len(whole_same.losses) == 8 and 8 in whole_same.val_losses
+    for step in (5, 6, 7, 8):
+        assert abs(rest.losses[step] - whole_same.losses[step]) < 1e-6, step
+
+
+def test_a_chat_vocabulary_larger_than_the_model_is_one_line(chat: ChatTokenizer, tmp_path: Path) -> None:
+    cfg = validate_config(_config(chat, tmp_path, model=tiny_model_config(chat.vocab_size - 1)))
+    with pytest.raises(ValueError, match=r"model.vocab_size=518 is smaller than the chat tokenizer's 519 ids"):
+        train(cfg)

@@ -3,12 +3,16 @@
     orchestrate sft prepare --stages instruct tool reasoning [--instruct-limit N] [--tool-limit N]
         [--reasoning-limit N] [--experiment NAME] [--workspace ROOT | --out DIR]
         [--source NAME[/CONFIG]=PATH ...] [--file STAGE=PATH ...] [--no-hub]
+    orchestrate sft init --tokenizer BASE_BUNDLE --checkpoint CKPT_DIR/TAG --out DIR
 
 Writes ``instruct_data.jsonl``, ``tool_data.jsonl``, ``reasoning_data.jsonl`` and ``report.json``
 to ``<workspace>/datasets/sft/<experiment>`` (where ``orchestrate --stages ...,instruct,...``
 reads them). ``--source`` reads a seed-004 source from a local .jsonl/.parquet file in its own
 schema instead of the hub; ``--file`` adds a JSONL already in a canonical format; ``--no-hub``
 reads only those. A rerun resumes: sources already converted with the same inputs are skipped.
+``sft init`` is what the pipeline does before its first SFT stage, for a hand-run ``train``: the
+chat tokenizer bundle (``DIR/tokenizer``) and the checkpoint with rows for the chat tokens
+(``DIR/init/final``), then prints the config keys that use them.
 Exit codes: 0 done, 2 bad flags or inputs, 130 interrupted (rerun to resume).
 """
 
@@ -80,6 +84,27 @@ def prepare_command(
     except KeyboardInterrupt:
         print("orchestrate sft: interrupted; run the same command again to resume", file=sys.stderr)
         raise typer.Exit(130) from None
+
+
+@app.command("init")
+def init_command(
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="the pretraining tokenizer bundle (artifacts/tokenizer/<experiment>)"),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="the pretrained checkpoint: a tag path (ckpt/final) or its folder (final)"),
+    out: Path = typer.Option(..., "--out", help="writes OUT/tokenizer and OUT/init/final"),
+) -> None:
+    """Chat tokenizer bundle + the checkpoint resized for its tokens: the start of a hand-run SFT stage."""
+    from training.checkpoint import CheckpointError
+    from training.sft.resize import resize_checkpoint
+    from training.sft.template import TemplateError, write_chat_bundle
+    from orchestrator.tokenizer import TokenizerError
+
+    directory, tag = (checkpoint, "final") if checkpoint.is_dir() else (checkpoint.parent, checkpoint.name.split(".")[0])
+    try:
+        chat = write_chat_bundle(tokenizer, out / "tokenizer")
+        start = resize_checkpoint(directory, tag, out / "init", chat.vocab_size, chat.vocab_size - len(chat.ids), sorted(chat.ids.values()))
+    except (TemplateError, TokenizerError, CheckpointError) as exc:
+        _fail(str(exc))
+    print(f"stage: instruct  init_from: {start}  tokenizer_path: {chat.directory}  model.vocab_size: {chat.vocab_size} (or more)")
 
 
 def main(args: list[str]) -> None:

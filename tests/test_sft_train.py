@@ -59,3 +59,31 @@ def test_a_chat_vocabulary_larger_than_the_model_is_one_line(chat: ChatTokenizer
     cfg = validate_config(_config(chat, tmp_path, model=tiny_model_config(chat.vocab_size - 1)))
     with pytest.raises(ValueError, match=r"model.vocab_size=518 is smaller than the chat tokenizer's 519 ids"):
         train(cfg)
+
+
+def test_sft_init_resizes_the_embedding_with_mean_rows_and_a_stage_starts_from_it(chat: ChatTokenizer, tmp_path: Path) -> None:
+    import torch
+    from typer.testing import CliRunner
+
+    from orchestrator.sft_cli import app
+    from training import checkpoint as ckpt
+    from training.config import ModelConfig
+    from training.model import Transformer
+
+    base_vocab = chat.vocab_size - len(chat.ids)
+    model = Transformer(ModelConfig(**tiny_model_config(base_vocab)))
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    config = validate_config({"train_data": "x", "seq_len": 64, "model": tiny_model_config(base_vocab)}).to_plain()
+    ckpt.write_snapshot(tmp_path / "pre", ckpt.Snapshot("final", 30, weights, {"step": 30, "format": ckpt.FORMAT}, config))
+    result = CliRunner().invoke(app, ["init", "--tokenizer", str(chat.directory.parent / "base"),
+                                      "--checkpoint", str(tmp_path / "pre" / "final"), "--out", str(tmp_path / "sft")])
+    assert result.exit_code == 0, result.output
+    resized = ckpt.load_tag(tmp_path / "sft" / "init", "final")
+    emb, old = resized.weights["embed_tokens.weight"], weights["embed_tokens.weight"]
+    assert emb.shape == (chat.vocab_size, old.shape[1]) and torch.equal(emb[:base_vocab], old)
+    assert torch.allclose(emb[base_vocab:], old.mean(0).expand(len(chat.ids), -1))
+    assert resized.config["model"]["vocab_size"] == chat.vocab_size
+    cfg = _config(ChatTokenizer.load(tmp_path / "sft" / "tokenizer"), tmp_path / "run", num_steps=2,
+                  init_from=str(tmp_path / "sft" / "init" / "final"))
+    del cfg["model"]  # from the checkpoint
+    assert train(validate_config(cfg)).step == 2

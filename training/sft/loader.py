@@ -251,7 +251,7 @@ def build_sft_loaders(cfg, rank: int, world_size: int, warn: Callable[[str], Non
         raise DataError(f"tokenizer_path: {exc}") from None
     if chat.vocab_size > cfg.model.vocab_size:
         raise DataError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the chat tokenizer's {chat.vocab_size} ids "
-                        f"({cfg.tokenizer_path}); the stage's checkpoint must be resized (orchestrate sft prepare --resize)")
+                        f"({cfg.tokenizer_path}); start from a checkpoint with rows for the chat tokens (orchestrate sft init)")
     pad = chat.end_id
     train = load_examples(sft_paths(cfg.train_data, "train_data"), chat, cfg.seq_len + 1, "train_data", warn)
     if warn is not None and any(train.skipped.values()):

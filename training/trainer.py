@@ -33,6 +33,7 @@ from training.checkpointer import Checkpointer
 from training.config import TrainConfig
 from training.data import BatchLoader, Prefetcher, TokenStream, iter_eval_batches, resolve_shards
 from training.distributed import Dist, setup
+from training.evaluate import mean_loss, perplexity
 from training.metrics import RunLog, compile_report, device_peak_flops, mfu, system_telemetry, trim_metrics
 from training.model import build_meta_model, count_parameters, flops_per_token
 from training import moe
@@ -87,16 +88,10 @@ def train_step(model: torch.nn.Module, batches: Prefetcher, optimizer: torch.opt
     return dist.all_reduce_mean(total), norm
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, stream: TokenStream, cfg: TrainConfig, dist: Dist, precision: Precision) -> float:
-    model.eval()
-    losses = []
-    for x, y in iter_eval_batches(stream, cfg.batch_size, cfg.seq_len, cfg.eval_steps, dist.rank, dist.world_size):
-        with precision.autocast():
-            _, loss = model(x.to(dist.device), y.to(dist.device))
-        losses.append(loss.float())
-    model.train()
-    return float(dist.all_reduce_mean(torch.stack(losses).mean()))
+    """Mean validation loss over the first ``eval_steps`` batches of ``stream`` (the same windows every time)."""
+    batches = iter_eval_batches(stream, cfg.batch_size, cfg.seq_len, cfg.eval_steps, dist.rank, dist.world_size)
+    return float(dist.all_reduce_mean(mean_loss(model, batches, dist.device, precision.autocast)))
 
 
 def _seed_everything(seed: int) -> None:
@@ -185,8 +180,8 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
     if cfg.eval_only:  # seed 001: one evaluation of the (resumed) weights, nothing trained or saved
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         val = evaluate(net, val_stream, cfg, dist, precision)
-        log.info(f"step {step} | val loss {val:.4f} (eval_only)")
-        record({"val_loss": val})
+        log.info(f"step {step} | val loss {val:.4f} | ppl {perplexity(val):.2f} (eval_only)")
+        record({"val_loss": val, "val_ppl": perplexity(val)})
         log.close()
         dist.shutdown()
         return TrainResult(EXIT_OK, step, tokens_seen, time.monotonic() - start_time, val_losses={step: val},
@@ -218,8 +213,8 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
             log.info(f"already at step {step} of {cfg.num_steps}: nothing to train")
         elif step == 0 and val_stream is not None:  # where the validation curve starts
             val = result.val_losses[0] = evaluate(net, val_stream, cfg, dist, precision)
-            log.info(f"step 0 | val loss {val:.4f} (untrained)")
-            record({"val_loss": val})
+            log.info(f"step 0 | val loss {val:.4f} | ppl {perplexity(val):.2f} (untrained)")
+            record({"val_loss": val, "val_ppl": perplexity(val)})
         window_start = time.perf_counter()
         while step < cfg.num_steps:
             boundary = (batches.state_dict(), ckpt.rng_state(dist.device))  # where an abandoned step resumes from
@@ -286,8 +281,8 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                 val = evaluate(net, val_stream, cfg, dist, precision)
                 window_excluded += time.perf_counter() - t_eval
                 result.val_losses[step] = val
-                log.info(f"step {step} | val loss {val:.4f}" + (" (best)" if val < best_val else ""))
-                record({"val_loss": val})
+                log.info(f"step {step} | val loss {val:.4f} | ppl {perplexity(val):.2f}" + (" (best)" if val < best_val else ""))
+                record({"val_loss": val, "val_ppl": perplexity(val)})
                 if val < best_val:
                     best_val = val
                     due.append("best")

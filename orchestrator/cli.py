@@ -26,7 +26,8 @@ from sharder.argv import spread_multi_value_flags
 
 EXIT_USAGE = 2
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help=__doc__ + "\nSub-commands: `orchestrate pod --help`, `orchestrate volume --help`, `orchestrate tokenizer --help`, `orchestrate sft --help`.")
+                  help=__doc__ + "\nSub-commands: `orchestrate pod --help`, `orchestrate volume --help`, `orchestrate tokenizer --help`, "
+                  "`orchestrate evaluate|sample|export --help` (docs/evaluate.md), `orchestrate sft --help` (docs/finetune.md).")
 
 
 def _run_shard_env() -> bool | None:
@@ -100,7 +101,7 @@ def pipeline(
 
 
 def main() -> None:
-    """Dispatch ``pod``/``volume``/``tokenizer``/``sft`` sub-commands; everything else is the pipeline (which takes key=value)."""
+    """Dispatch ``pod``/``volume``/``tokenizer``/``sft``/``evaluate``/``sample``/``export``; everything else is the pipeline (which takes key=value)."""
     args = sys.argv[1:]
     if args and args[0] == "pod":
         from orchestrator.pods.cli import app as pod_app
@@ -114,6 +115,10 @@ def main() -> None:
         from orchestrator.sft_cli import main as sft_main
 
         sft_main(args[1:])
+    elif args and args[0] in ("evaluate", "sample", "export"):
+        from orchestrator.use_cli import app as use_app
+
+        use_app(args=args, prog_name="orchestrate")
     elif args and args[0] == "tokenizer":
         from orchestrator.tokenizer_cli import app as tokenizer_app
 

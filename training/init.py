@@ -46,8 +46,8 @@ class Source:
         return f"init_from {self.spec}" + (f" ({self.location}.safetensors)" if self.kind == "podtrain" else "")
 
 
-def resolve_source(spec: str) -> Source:
-    """Decide what ``spec`` names without reading any weights."""
+def resolve_source(spec: str, label: str = "init_from") -> Source:
+    """Decide what ``spec`` names without reading any weights; ``label`` starts error lines (the key or argument)."""
     path = Path(spec)
     for suffix in ckpt.SUFFIXES:
         if path.name.endswith(suffix):
@@ -57,15 +57,15 @@ def resolve_source(spec: str) -> Source:
             return Source("hf", str(path), spec)
         tags = [tag for _, tag in ckpt.list_tags(path) if (path / f"{tag}.config.json").is_file()]
         if not tags:
-            raise InitError(f"init_from {spec}: a directory with neither podtrain checkpoints (<tag>.safetensors + "
+            raise InitError(f"{label} {spec}: a directory with neither podtrain checkpoints (<tag>.safetensors + "
                             f"<tag>.config.json) nor a Hugging Face config.json")
         return Source("podtrain", str(path / tags[0]), spec)
     if Path(f"{path}.safetensors").is_file():
         if not Path(f"{path}.config.json").is_file():
-            raise InitError(f"init_from {spec}: {path}.config.json is missing (the model config of that checkpoint)")
+            raise InitError(f"{label} {spec}: {path}.config.json is missing (the model config of that checkpoint)")
         return Source("podtrain", str(path), spec)
     if spec.startswith((".", "/", "~")) or spec.endswith(ckpt.SUFFIXES) or (path.parent != Path(".") and path.parent.exists()):
-        raise InitError(f"init_from {spec}: no such checkpoint or folder")
+        raise InitError(f"{label} {spec}: no such checkpoint or folder")
     return Source("hf", spec, spec)  # a hub id: transformers reports it when it cannot be fetched
 
 

@@ -33,6 +33,7 @@ from training.checkpointer import Checkpointer
 from training.config import TrainConfig
 from training.data import BatchLoader, Prefetcher, TokenStream, iter_eval_batches, resolve_shards
 from training.distributed import Dist, setup
+from training.evaluate import mean_loss, perplexity
 from training.metrics import RunLog, compile_report, device_peak_flops, mfu, system_telemetry, trim_metrics
 from training.model import build_meta_model, count_parameters, flops_per_token
 from training import moe
@@ -94,18 +95,9 @@ def _batch(batch: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tens
             doc_ids.to(device, non_blocking=True) if doc_ids is not None else None)
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterator[tuple], dist: Dist, precision: Precision) -> float:
-    """Mean loss over ``batches`` (the same ones at every evaluation), averaged over ranks."""
-    model.eval()
-    losses = []
-    for batch in batches:
-        x, y, doc_ids = _batch(batch, dist.device)
-        with precision.autocast():
-            _, loss = model(x, y) if doc_ids is None else model(x, y, doc_ids=doc_ids)
-        losses.append(loss.float())
-    model.train()
-    return float(dist.all_reduce_mean(torch.stack(losses).mean()))
+def evaluate(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], dist: Dist, precision: Precision) -> float:
+    """Mean validation loss over ``batches`` (the same ones every time: see ``_data``), averaged over ranks."""
+    return float(dist.all_reduce_mean(mean_loss(model, batches, dist.device, precision.autocast)))
 
 
 def _data(cfg: TrainConfig, dist: Dist, warn) -> tuple[Any, Callable[[], Iterator[tuple]] | None]:
@@ -205,8 +197,8 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
     if cfg.eval_only:  # seed 001: one evaluation of the (resumed) weights, nothing trained or saved
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         val = evaluate(net, val_batches(), dist, precision)
-        log.info(f"step {step} | val loss {val:.4f} (eval_only)")
-        record({"val_loss": val})
+        log.info(f"step {step} | val loss {val:.4f} | ppl {perplexity(val):.2f} (eval_only)")
+        record({"val_loss": val, "val_ppl": perplexity(val)})
         log.close()
         dist.shutdown()
         return TrainResult(EXIT_OK, step, tokens_seen, time.monotonic() - start_time, val_losses={step: val},
@@ -238,8 +230,8 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
             log.info(f"already at step {step} of {cfg.num_steps}: nothing to train")
         elif step == 0 and val_batches is not None:  # where the validation curve starts
             val = result.val_losses[0] = evaluate(net, val_batches(), dist, precision)
-            log.info(f"step 0 | val loss {val:.4f} (untrained)")
-            record({"val_loss": val})
+            log.info(f"step 0 | val loss {val:.4f} | ppl {perplexity(val):.2f} (untrained)")
+            record({"val_loss": val, "val_ppl": perplexity(val)})
         window_start = time.perf_counter()
         while step < cfg.num_steps:
             boundary = (batches.state_dict(), ckpt.rng_state(dist.device))  # where an abandoned step resumes from
@@ -306,8 +298,8 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                 val = evaluate(net, val_batches(), dist, precision)
                 window_excluded += time.perf_counter() - t_eval
                 result.val_losses[step] = val
-                log.info(f"step {step} | val loss {val:.4f}" + (" (best)" if val < best_val else ""))
-                record({"val_loss": val})
+                log.info(f"step {step} | val loss {val:.4f} | ppl {perplexity(val):.2f}" + (" (best)" if val < best_val else ""))
+                record({"val_loss": val, "val_ppl": perplexity(val)})
                 if val < best_val:
                     best_val = val
                     due.append("best")

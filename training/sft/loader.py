@@ -240,7 +240,7 @@ def sft_paths(spec: str | list[str], key: str) -> list[Path]:
 
 
 def build_sft_loaders(cfg, rank: int, world_size: int, warn: Callable[[str], None] | None = None
-                      ) -> tuple[SFTLoader, Callable[[], Iterator[Batch]] | None]:
+                      ) -> tuple[SFTLoader, Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None]:
     """The training loader of an SFT config and, with ``val_data``, a function yielding its eval batches
     (the first ``eval_steps`` micro-batches of the validation examples in file order, every time)."""
     if not cfg.tokenizer_path:
@@ -261,9 +261,11 @@ def build_sft_loaders(cfg, rank: int, world_size: int, warn: Callable[[str], Non
         return loader, None
     val = load_examples(sft_paths(cfg.val_data, "val_data"), chat, cfg.seq_len + 1, "val_data", warn)
 
-    def eval_batches() -> Iterator[Batch]:
-        ld = SFTLoader(val, cfg.batch_size, cfg.seq_len, cfg.sft.packing, cfg.seed, rank, world_size, shuffle=False, pad_id=pad)
+    def eval_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # padded whatever the training layout: plain (x, y) batches, which training/evaluate.py's
+        # mean_loss takes as they are; each token's loss is the same in both layouts (tests/test_sft_template.py)
+        ld = SFTLoader(val, cfg.batch_size, cfg.seq_len, "padded", cfg.seed, rank, world_size, shuffle=False, pad_id=pad)
         for _ in range(cfg.eval_steps):
-            yield ld.next_batch()
+            yield ld.next_batch()[:2]
 
     return loader, eval_batches

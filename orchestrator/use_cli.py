@@ -3,6 +3,7 @@
     orchestrate evaluate CHECKPOINT [--data PATH...] [--batch-size N --seq-len N --max-batches N]
                          [--dataset-limit name=N,...] [--recipe FILE] [--harness TASKS] [--json FILE]
     orchestrate sample   CHECKPOINT --prompt TEXT | --prompt-file FILE [--max-new-tokens --temperature --top-k --top-p --seed]
+                         [--chat [--system TEXT]]
     orchestrate export   CHECKPOINT --to hf OUT_DIR
 
 CHECKPOINT is a tag path (``.../checkpoints/best``, with or without ``.safetensors``) or a
@@ -196,6 +197,17 @@ class _Counted:
             yield x, y
 
 
+def _chat_tokenizer(cfg, override: str | None):
+    """The chat template's tokenizer of a fine-tuned run (its tokenizer_path is a chat bundle)."""
+    from training.sft.template import ChatTokenizer, TemplateError
+
+    where = Path(override or cfg.tokenizer_path or "")
+    try:
+        return ChatTokenizer.load(where.parent if where.name == "tokenizer.json" else where)
+    except TemplateError as exc:
+        raise ValueError(f"--chat: {exc}") from None
+
+
 @app.command("sample")
 def sample_cmd(
     checkpoint: str = typer.Argument(..., help="tag path or checkpoint directory"),
@@ -209,8 +221,11 @@ def sample_cmd(
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer.json or folder (default: the run's tokenizer_path)"),
     device: str = typer.Option("auto", "--device"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write prompts, completions and token ids here"),
+    chat: bool = typer.Option(False, "--chat", help="each prompt is a user message to a fine-tuned model, "
+                              "through the chat template of its tokenizer (docs/finetune.md); the reply ends at <|end|>"),
+    system: Optional[str] = typer.Option(None, "--system", help="with --chat: a system message before each prompt"),
 ) -> None:
-    """Continue prompts with the KV cache; a prompt file gives a table of completions."""
+    """Continue prompts with the KV cache (or, with --chat, answer them); a prompt file gives a table of completions."""
     from training.generate import SamplingParams, generate
     from training.inference import load_checkpoint, load_tokenizer, resolve_device
 
@@ -229,18 +244,25 @@ def sample_cmd(
         ck = load_checkpoint(checkpoint, dev)
         tok = load_tokenizer(ck.config, tokenizer)
         eot = _eot_id(tok)
+        talk = _chat_tokenizer(ck.config, tokenizer) if chat else None
         results = []
         t0, new_tokens = time.perf_counter(), 0
         for i, text in enumerate(prompts):
             params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed + i, eot)
-            ids = generate(ck.model, tok.encode(text, add_special_tokens=False).ids, params)
+            if talk is not None:
+                from training.sft.chat import reply_ids
+
+                messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+                ids = reply_ids(ck.model, talk, messages, params)
+            else:
+                ids = generate(ck.model, tok.encode(text, add_special_tokens=False).ids, params)
             new_tokens += len(ids)
             results.append({"prompt": text, "completion": tok.decode(ids, skip_special_tokens=True), "ids": ids})
         seconds = time.perf_counter() - t0
     except (ValueError, OSError) as exc:
         _fail("sample", " ".join(str(exc).split()))
     if len(results) == 1 and prompt_file is None:
-        console.print(results[0]["prompt"] + results[0]["completion"], markup=False)
+        console.print(results[0]["completion"] if chat else results[0]["prompt"] + results[0]["completion"], markup=False)
     else:
         table = Table(title=f"samples from {ck.base} (temperature {temperature})", show_lines=True)
         table.add_column("prompt", overflow="fold")

@@ -87,3 +87,26 @@ def test_sft_init_resizes_the_embedding_with_mean_rows_and_a_stage_starts_from_i
                   init_from=str(tmp_path / "sft" / "init" / "final"))
     del cfg["model"]  # from the checkpoint
     assert train(validate_config(cfg)).step == 2
+    run_ckpt = tmp_path / "run" / "ckpt"
+
+    from transformers import AutoTokenizer
+
+    from orchestrator.use_cli import app as use_app
+    from training.generate import SamplingParams
+    from training.inference import load_checkpoint
+    from training.sft.chat import reply_ids
+
+    exported = CliRunner().invoke(use_app, ["export", str(run_ckpt), "--to", "hf", str(tmp_path / "hf")])
+    assert exported.exit_code == 0, exported.output
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    messages = [{"role": "system", "content": "brief"}, {"role": "user", "content": "count to 3"}]
+    assert list(hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)) == \
+        chat.encode(messages, add_generation_prompt=True)[0]
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == chat.end_id
+
+    sampled = CliRunner().invoke(use_app, ["sample", str(run_ckpt), "--chat", "--system", "brief", "--prompt", "count to 3",
+                                           "--temperature", "0", "--max-new-tokens", "8", "--json", str(tmp_path / "s.json")])
+    assert sampled.exit_code == 0, sampled.output
+    ids = json.loads((tmp_path / "s.json").read_text())["samples"][0]["ids"]
+    model = load_checkpoint(str(run_ckpt), torch.device("cpu")).model
+    assert ids == reply_ids(model, chat, messages, SamplingParams(8, temperature=0.0)) and chat.end_id not in ids

@@ -134,3 +134,16 @@ def test_dataset_limit_gives_one_row_per_recipe_source(run, tmp_path) -> None:
     assert rows["py"]["loss"] < rows["noise"]["loss"]  # the model learned Python, not line noise
     unknown = invoke("evaluate", run[0] / "final", "--recipe", tmp_path / "r.yaml", "--dataset-limit", "web=5")
     assert unknown.exit_code == 2 and "unknown source 'web' (the recipe has: py, noise)" in unknown.output
+
+
+def test_export_of_an_option_without_hf_equivalent_is_one_line(run, tmp_path) -> None:
+    import shutil
+
+    config = json.loads((run[0] / "final.config.json").read_text())
+    config["model"]["parallel_layers"] = True
+    (tmp_path / "p.config.json").write_text(json.dumps(config))
+    shutil.copy(run[0] / "final.safetensors", tmp_path / "p.safetensors")
+    out = invoke("export", tmp_path / "p", "--to", "hf", tmp_path / "o")
+    assert out.exit_code == 2 and out.output.strip() == (
+        "export: error: parallel_layers: true has no Hugging Face Llama/GPT-2 equivalent (attention and MLP in parallel)")
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))

@@ -87,7 +87,9 @@ def test_a_training_step_runs_from_an_hf_folder(byte_corpus, tmp_path, family) -
 
 @pytest.mark.parametrize("family", ["llama-untied", "llama-tied", "gpt2"])
 def test_export_back_gives_identical_tensors(byte_corpus, tmp_path, family) -> None:
-    folder, _ = MODELS[family](tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    folder, hf = MODELS[family](tmp_path)
     cfg, model = podtrain_from(folder, byte_corpus, tmp_path)
     weights = {k: v for k, v in model.state_dict().items() if not (cfg.model.tie_embeddings and k == "lm_head.weight")}
     save_file(weights, str(tmp_path / "w.safetensors"))
@@ -97,6 +99,10 @@ def test_export_back_gives_identical_tensors(byte_corpus, tmp_path, family) -> N
     for name, tensor in back.items():
         assert torch.equal(tensor, original[name]), name
     assert {"config.json", "generation_config.json", "model.safetensors"} <= set(report.files)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "back")).eval()  # the config maps back too (rope theta, GQA, tie)
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, hf(ids).logits, atol=1e-6, rtol=0)
 
 
 def test_export_shards_above_the_size_limit(byte_corpus, tmp_path) -> None:

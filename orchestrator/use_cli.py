@@ -49,15 +49,16 @@ def parse_limits(text: str) -> dict[str, int]:
     return limits
 
 
-def _recipe_sources(recipe: str | None, val_data: str | list[str] | None) -> list:
-    """The resolved sources of ``--recipe``, else of the recipe the run's data was sharded from.
+def _recipe_sources(recipe: str | None, val_data: str | list[str] | None) -> tuple[list, int]:
+    """(resolved sources, min_text_length) of ``--recipe``, else of the recipe the run's data was sharded from.
 
     The run's chain is token shards -> their manifest's text_dir -> the text manifest's recipe source.
     """
     from sharder.recipe import SourceConfig, load_recipe
 
     if recipe:
-        return list(load_recipe(recipe).sources)
+        loaded = load_recipe(recipe)
+        return list(loaded.sources), loaded.min_text_length
     first = val_data if isinstance(val_data, str) else (val_data or [None])[0]
     token_manifest = Path(first or "") / "manifest.json"
     try:
@@ -67,7 +68,7 @@ def _recipe_sources(recipe: str | None, val_data: str | list[str] | None) -> lis
         raise ValueError(f"--dataset-limit: the run's data ({first}) does not trace back to a data recipe; pass --recipe FILE") from None
     if source.get("type") != "recipe":
         raise ValueError(f"--dataset-limit: {text_dir} was sharded from {source.get('type')!r} data, not a recipe; pass --recipe FILE")
-    return [SourceConfig.model_validate(s) for s in source["sources"]]
+    return [SourceConfig.model_validate(s) for s in source["sources"]], int(source.get("min_text_length", 1))
 
 
 def _datasets(ck, data: list[str], limits: dict[str, int], recipe: str | None, text_field: str,
@@ -101,7 +102,8 @@ def _datasets(ck, data: list[str], limits: dict[str, int], recipe: str | None, t
         from sharder.mix import TEXT_COLUMN, source_dataset
         from sharder.sources import hf_environment
 
-        sources = {s.label: (i, s) for i, s in enumerate(_recipe_sources(recipe, cfg.val_data))}
+        found_sources, min_length = _recipe_sources(recipe, cfg.val_data)
+        sources = {s.label: (i, s) for i, s in enumerate(found_sources)}
         unknown = [name for name in limits if name not in sources]
         if unknown:
             raise ValueError(f"--dataset-limit: unknown source {unknown[0]!r} (the recipe has: {', '.join(sources)})")
@@ -109,7 +111,7 @@ def _datasets(ck, data: list[str], limits: dict[str, int], recipe: str | None, t
         cache_dir, token = hf_environment(Path("workspace"))
         for name, limit in limits.items():
             index, src = sources[name]
-            rows = source_dataset(src, index, 1, f"--dataset-limit {name}", cache_dir, token).take(limit)
+            rows = source_dataset(src, index, min_length, f"--dataset-limit {name}", cache_dir, token).with_format(None).take(limit)
             tokens = tokenize_documents((row[TEXT_COLUMN] for row in rows), tok, _eot_id(tok), limit)
             found.append((name, lambda t=tokens: token_windows(t, batch_size, seq_len, max_batches)))
     return found

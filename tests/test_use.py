@@ -114,3 +114,36 @@ def test_bad_inputs_are_one_line(run, tmp_path, args, message) -> None:
     assert out.exit_code == 2
     lines = [line for line in out.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(message.format(**fill)), out.output
+
+
+def test_dataset_limit_gives_one_row_per_recipe_source(run, tmp_path) -> None:
+    import random
+    import yaml
+
+    rng = random.Random(0)
+    (tmp_path / "py.jsonl").write_text("".join(json.dumps({"text": f"def f{i}(self, x):\n    return x + {i}\n" * 4}) + "\n" for i in range(30)))
+    (tmp_path / "noise.jsonl").write_text("".join(
+        json.dumps({"text": "".join(rng.choice("~`^|@#$%&*") for _ in range(200))}) + "\n" for _ in range(30)))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"data": {"sources": [
+        {"type": "files", "path": "py.jsonl", "name": "py"}, {"type": "files", "path": "noise.jsonl", "name": "noise"}]}}))
+    out = invoke("evaluate", run[0] / "final", "--recipe", tmp_path / "r.yaml", "--dataset-limit", "py=10,noise=10",
+                 "--seq-len", "32", "--json", tmp_path / "e.json")
+    assert out.exit_code == 0, out.output
+    rows = {r["data"]: r for r in json.loads((tmp_path / "e.json").read_text())["results"]}
+    assert set(rows) == {"py", "noise"} and rows["noise"]["tokens"] == 32 * ((10 * 201 - 1) // 32)
+    assert rows["py"]["loss"] < rows["noise"]["loss"]  # the model learned Python, not line noise
+    unknown = invoke("evaluate", run[0] / "final", "--recipe", tmp_path / "r.yaml", "--dataset-limit", "web=5")
+    assert unknown.exit_code == 2 and "unknown source 'web' (the recipe has: py, noise)" in unknown.output
+
+
+def test_export_of_an_option_without_hf_equivalent_is_one_line(run, tmp_path) -> None:
+    import shutil
+
+    config = json.loads((run[0] / "final.config.json").read_text())
+    config["model"]["parallel_layers"] = True
+    (tmp_path / "p.config.json").write_text(json.dumps(config))
+    shutil.copy(run[0] / "final.safetensors", tmp_path / "p.safetensors")
+    out = invoke("export", tmp_path / "p", "--to", "hf", tmp_path / "o")
+    assert out.exit_code == 2 and out.output.strip() == (
+        "export: error: parallel_layers: true has no Hugging Face Llama/GPT-2 equivalent (attention and MLP in parallel)")
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))

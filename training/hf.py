@@ -183,6 +183,10 @@ class _Reader:
         return list(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
 
     def get(self, name: str) -> torch.Tensor | None:
+        """``name``, or the same without the ``transformer.``/``model.`` prefix: the hub's ``gpt2`` files
+        were saved from the base ``GPT2Model`` (``h.0.attn.c_attn.weight``, ``wte.weight``)."""
+        if name not in self.files:
+            name = name.partition(".")[2]
         path = self.files.get(name)
         if path is None:
             return None

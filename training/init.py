@@ -135,7 +135,7 @@ def load_initial_weights(cfg: TrainConfig, net: torch.nn.Module, dist: Any, info
     if dist.is_main:
         try:
             weights = read_weights(source, cfg.model)
-        except InitError as exc:
+        except ValueError as exc:  # InitError, HFError: raised on every rank below, not on rank 0 alone (a hang)
             error = str(exc)
     error = dist.broadcast_object(error)
     if error:

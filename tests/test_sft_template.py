@@ -15,7 +15,7 @@ from training.config import ModelConfig
 from training.model import Transformer
 from training.sft.loader import SFTLoader, tokenize_records
 from training.sft.records import to_messages
-from training.sft.template import CHAT_TOKENS, END_TOKEN, ChatTokenizer, TemplateError, label_array, write_chat_bundle
+from training.sft.template import CHAT_TOKENS, END_TOKEN, ChatTokenizer, TemplateError, label_array, render, write_chat_bundle
 
 RECORDS = [
     {"instruction": "Give three tips for staying healthy.", "output": "Eat well, sleep, move. ✓"},
@@ -44,6 +44,7 @@ def test_chat_tokens_have_fixed_ids_and_transformers_gives_the_same_ids(chat: Ch
             ours, _ = chat.encode(messages, add_generation_prompt=gen)
             theirs = hf.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True, return_dict=False)
             assert ours == list(theirs), record
+            assert hf.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False) == render(messages, gen)
     assert hf.eos_token == END_TOKEN
 
 
@@ -57,11 +58,9 @@ def test_chat_bundle_is_reused_and_refuses_a_chat_bundle_as_base(chat: ChatToken
 def test_only_assistant_output_is_a_target(chat: ChatTokenizer) -> None:
     ids, mask = chat.encode(to_messages(RECORDS[2]))
     x, y = label_array(ids, mask)
-    trained = [chat.decode([t]) if t < BASE_VOCAB else "<special>" for t in y[y != -100]]
     text = chat.tokenizer.decode([int(t) for t in y[y != -100]], skip_special_tokens=False)
     assert text == ('<|tool_call|>{"name": "get_rate", "arguments": {"base": "USD"}}<|end|>'
                     "<|assistant|>It is 0.85.<|end|>")
-    assert trained
 
 
 def _loss(model: Transformer, chat: ChatTokenizer, record: dict) -> torch.Tensor:

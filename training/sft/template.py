@@ -52,7 +52,7 @@ class TemplateError(ValueError):
 
 
 def render(messages: list[Message], add_generation_prompt: bool = False) -> str:
-    """The text the jinja template produces (used by tests and by ``sample --chat``'s echo)."""
+    """The text :data:`CHAT_TEMPLATE` produces, in Python: what the tests hold the jinja template to."""
     text = "".join(f"<|{m['role']}|>{m['content']}{END_TOKEN}" for m in messages)
     return text + (GENERATION_PROMPT if add_generation_prompt else "")
 
@@ -93,13 +93,6 @@ class ChatTokenizer:
     def vocab_size(self) -> int:
         return max(self.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
 
-    def encode_text(self, text: str) -> list[int]:
-        self.tokenizer.encode_special_tokens = True  # content is text, never a control token
-        try:
-            return self.tokenizer.encode(text, add_special_tokens=False).ids
-        finally:
-            self.tokenizer.encode_special_tokens = False
-
     def encode(self, messages: list[Message], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
         """Token ids of the rendered conversation and, per token, whether the loss counts it."""
         ids: list[int] = []
@@ -115,7 +108,7 @@ class ChatTokenizer:
         return ids, mask
 
     def _encode_contents(self, texts: list[str]) -> list[list[int]]:
-        self.tokenizer.encode_special_tokens = True
+        self.tokenizer.encode_special_tokens = True  # content is text, never a control token
         try:
             return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
         finally:

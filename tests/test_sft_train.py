@@ -110,3 +110,31 @@ def test_sft_init_resizes_the_embedding_with_mean_rows_and_a_stage_starts_from_i
     ids = json.loads((tmp_path / "s.json").read_text())["samples"][0]["ids"]
     model = load_checkpoint(str(run_ckpt), torch.device("cpu")).model
     assert ids == reply_ids(model, chat, messages, SamplingParams(8, temperature=0.0)) and chat.end_id not in ids
+
+
+@pytest.mark.slow  # two torchrun launches
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_an_sft_stage_under_two_ranks_follows_one_process(chat: ChatTokenizer, tmp_path: Path, strategy: str) -> None:
+    """Packed batches split by rank: the same rows as one process. The loss is the mean of the ranks'
+    micro-batch means (as in pretraining), so with unequal target counts per rank it is close to, not
+    equal to, the one-process token mean."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    def run(out: Path, world: int) -> dict[int, float]:
+        cfg = _config(chat, out, batch_size=4 // world, gradient_accumulation_steps=2, num_steps=4, num_workers=0,
+                      optimizer={"lr": 1e-3}, distributed={"strategy": strategy if world > 1 else "none", "timeout_s": 60})
+        path = out / "cfg.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if world > 1 else [sys.executable]
+        proc = subprocess.run([*launcher, "-m", "training", str(path)], capture_output=True, text=True, timeout=300,
+                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        rows = [json.loads(x) for x in (out / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    one, two = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
+    for step in range(1, 5):
+        assert abs(one[step] - two[step]) / one[step] < 0.05, (step, one[step], two[step])

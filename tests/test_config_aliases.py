@@ -4,6 +4,7 @@ the keys they brought along: eval_only, always_save_checkpoint, wandb_log with w
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -133,7 +134,8 @@ def test_eval_only_evaluates_the_resumed_weights_and_trains_nothing(byte_corpus,
     result = runner.invoke(app, [str(path), "eval_only=True", "--resume", "auto"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1].keys() == {"step", "val_loss"} and rows[-1]["step"] == 10
+    assert rows[-1].keys() == {"step", "val_loss", "val_ppl"} and rows[-1]["step"] == 10
+    assert rows[-1]["val_ppl"] == pytest.approx(math.exp(rows[-1]["val_loss"]))
     assert rows[-1]["val_loss"] == pytest.approx(rows[-2]["val_loss"], abs=1e-6)  # the same weights, the same windows
     assert "step 10 | val loss" in result.output and "(eval_only)" in result.output
 

@@ -238,9 +238,8 @@ def iter_rows(source: Source, local: dict[str | None, str] | None = None, limit:
             if path is None:
                 continue
             dataset = load_dataset(_local_builder(Path(path)), data_files=str(path), split="train", cache_dir=cache_dir)
-        else:  # a split slice: only the rows kept are prepared into Arrow
-            dataset = load_dataset(source.name, config, split=source.split + (f"[:{limit}]" if limit is not None else ""),
-                                   cache_dir=cache_dir)
+        else:
+            dataset = load_dataset(source.name, config, split=source.split, cache_dir=cache_dir)
         if limit is not None:
             dataset = dataset.select(range(min(limit, len(dataset))))
         for i, row in enumerate(dataset):

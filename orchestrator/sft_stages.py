@@ -75,8 +75,9 @@ def finished(checkpoints: Path, config: Path) -> bool:
 def sft_stage_inputs(pipe: "Pipeline", stage: str, previous: dict[str, Any]) -> dict[str, Any]:
     data = sft_dir(pipe.layout) / STAGE_FILES[stage]
     ident = (str(data), data.stat().st_size, data.stat().st_mtime_ns) if data.exists() else str(data)
+    common, per_stage = split_overrides(pipe.opts.overrides)  # another stage's overrides do not redo this one
     return {"previous": previous, "data": ident, "config": pipe.config_path.read_text(encoding="utf-8"),
-            "overrides": pipe.opts.overrides}
+            "overrides": common + per_stage[stage]}
 
 
 def run_sft_stage(pipe: "Pipeline", stage: str, previous_stage: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sharder.py
 	$(BIN)/python bench/tokenize.py
 	$(BIN)/python bench/memory_plan.py
+	$(BIN)/python bench/sample.py
 
 # On a CUDA machine: tests/gpu, runpod_1b and runpod_2b for 30 steps, one save and resume (< 8 min on
 # one H100/H200). It needs a CUDA build of torch, which .venv (CPU torch) does not have: run it with

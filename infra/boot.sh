@@ -11,6 +11,12 @@
 #   4 train      TensorBoard on :6006, then orchestrate again: done stages are skipped and
 #                training starts with --resume auto, so a restarted pod continues its run
 #
+# RUN_STAGES (pretrain) chains fine-tuning after pretraining, e.g. pretrain,instruct,tool,reasoning
+# (docs/finetune.md): before stage 4 an sft-data stage runs `orchestrate sft prepare` for the SFT
+# stages (RUN_INSTRUCT_LIMIT, RUN_TOOL_LIMIT, RUN_REASONING_LIMIT cap their records), and stage 4
+# passes --stages: each stage starts from the previous one's final checkpoint. Without pretrain in
+# RUN_STAGES the tokenizer stage is skipped and the experiment's pretrained final is the start.
+#
 # Restart policy (docs/runpod.md): this script never returns to the container runtime on its own,
 # because RunPod restarts an exited container and a crash loop bills GPU hours for nothing. A
 # failed stage writes runs/$RUN_EXPERIMENT/BOOT_FAILED (stage, settings fingerprint) and halts;
@@ -33,7 +39,7 @@
 # secret exists; such variables are unset here (one warning line), so e.g. a literal HF_TOKEN
 # never turns public downloads into 401s.
 #
-# Knobs: RUN_SHARD (0) RUN_EXPERIMENT (runpod-1b) RUN_CONFIG (configs/runpod_1b.yaml)
+# Knobs: RUN_SHARD (0) RUN_EXPERIMENT (runpod-1b) RUN_CONFIG (configs/runpod_1b.yaml) RUN_STAGES (pretrain)
 # SHARD_LINES (250000) RUN_INPUT (local corpus for the sharder; default: the FineWeb hub dataset
 # RUN_FINEWEB_NAME, sample-10BT) RUN_PREEMPTION_GRACE_S PODTRAIN_WORKSPACE (/workspace)
 # PODTRAIN_PROJECT (/workspace/transformer) BOOT_HALT BOOT_RETRY BOOT_WATCHDOG_MINUTES (30)
@@ -43,6 +49,7 @@ set -euo pipefail
 ROOT="${PODTRAIN_WORKSPACE:-/workspace}"
 PROJECT="${PODTRAIN_PROJECT:-/workspace/transformer}"
 RUN_SHARD="${RUN_SHARD:-0}"
+RUN_STAGES="${RUN_STAGES:-pretrain}"
 RUN_EXPERIMENT="${RUN_EXPERIMENT:-runpod-1b}"
 RUN_CONFIG="${RUN_CONFIG:-configs/runpod_1b.yaml}"
 SHARD_LINES="${SHARD_LINES:-250000}"
@@ -124,11 +131,21 @@ wait_child() {
 
 mtime() { stat -c %Y "$1" 2>/dev/null || echo 0; }
 
+# The newest step logged by any stage of the run: pretraining's, or a fine-tuning stage's (runs/<exp>/<stage>/checkpoints).
+newest_progress() {
+  local newest=0 t f
+  for f in "$RUN_DIR/checkpoints/metrics.jsonl" "$RUN_DIR"/*/checkpoints/metrics.jsonl; do
+    t=$(mtime "$f")
+    ((t > newest)) && newest=$t
+  done
+  echo "$newest"
+}
+
 # The training run under the progress watchdog (see the header). It runs in a session of its own
 # so that SIGKILL reaches the trainer under orchestrate too; SIGTERM still goes to orchestrate,
 # which passes it on. Returns the run's status, or 124 when the watchdog stopped it.
 run_watched() {
-  local limit progress="$RUN_DIR/checkpoints/metrics.jsonl"
+  local limit progress="$RUN_DIR/checkpoints/metrics.jsonl (or a fine-tuning stage's)"
   limit=$(awk -v m="$BOOT_WATCHDOG_MINUTES" 'BEGIN { printf "%d", m * 60 }')
   if ((limit <= 0)); then
     run_child "$@"
@@ -141,7 +158,7 @@ run_watched() {
   while kill -0 "$CHILD" 2>/dev/null && [[ -z "$INTERRUPTED" ]]; do
     sleep 1 &
     wait $! 2>/dev/null || true  # a trap interrupts this wait at once
-    last=$(mtime "$progress")
+    last=$(newest_progress)
     ((last < start_clock)) && last=$start_clock
     now=$(date +%s)
     if ((now - last >= limit)) && [[ -z "$INTERRUPTED" ]]; then
@@ -311,6 +328,10 @@ prep_dirs() {
     log "RUN_SHARD='$RUN_SHARD' must be 0 or 1"
     return 2
   fi
+  if [[ ! "$RUN_STAGES" =~ ^(pretrain|instruct|tool|reasoning)(,(instruct|tool|reasoning))*$ ]]; then
+    log "RUN_STAGES='$RUN_STAGES' must be a comma-separated subset of pretrain,instruct,tool,reasoning"
+    return 2
+  fi
   if [[ ! "$SHARD_LINES" =~ ^[1-9][0-9]*$ ]]; then
     log "SHARD_LINES='$SHARD_LINES' must be a positive integer"
     return 2
@@ -337,7 +358,22 @@ orchestrate_args=(--mode cloud --workspace "$ROOT" --experiment "$RUN_EXPERIMENT
 if [[ -n "${RUN_PREEMPTION_GRACE_S:-}" ]]; then
   orchestrate_args+=("preemption_grace_s=$RUN_PREEMPTION_GRACE_S")  # spot: RunPod's real window
 fi
-run_stage tokenizer orchestrate "${orchestrate_args[@]}" --stop-after emit
+if [[ ",$RUN_STAGES," == *,pretrain,* ]]; then
+  run_stage tokenizer orchestrate "${orchestrate_args[@]}" --stop-after emit
+else
+  log "stage tokenizer: skipped (RUN_STAGES=$RUN_STAGES has no pretrain): fine-tuning starts from $RUN_DIR/checkpoints/final"
+fi
+
+# -- 3b sft-data (RUN_STAGES with instruct/tool/reasoning) ---------------------------------
+sft_stages="$(tr ',' '\n' <<<"$RUN_STAGES" | grep -v '^pretrain$' | paste -sd' ' || true)"
+if [[ -n "$sft_stages" ]]; then
+  sft_args=(--mode cloud --workspace "$ROOT" --experiment "$RUN_EXPERIMENT")
+  [[ -n "${RUN_INSTRUCT_LIMIT:-}" ]] && sft_args+=(--instruct-limit "$RUN_INSTRUCT_LIMIT")
+  [[ -n "${RUN_TOOL_LIMIT:-}" ]] && sft_args+=(--tool-limit "$RUN_TOOL_LIMIT")
+  [[ -n "${RUN_REASONING_LIMIT:-}" ]] && sft_args+=(--reasoning-limit "$RUN_REASONING_LIMIT")
+  # shellcheck disable=SC2086  # one word per stage
+  run_stage sft-data orchestrate sft prepare "${sft_args[@]}" --stages $sft_stages
+fi
 
 # -- 4 train -------------------------------------------------------------------------------
 if command -v tensorboard >/dev/null; then
@@ -349,7 +385,7 @@ if command -v tensorboard >/dev/null; then
 else
   log "tensorboard is not installed: no dashboard on :6006 (training continues)"
 fi
-run_stage train orchestrate "${orchestrate_args[@]}"
+run_stage train orchestrate "${orchestrate_args[@]}" --stages "$RUN_STAGES"
 
 log "boot finished: training is complete; checkpoints in $RUN_DIR/checkpoints"
 halt 0

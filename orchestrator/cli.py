@@ -2,10 +2,11 @@
 
     orchestrate --mode cloud|local --input PATH... --experiment NAME --train-shard-lines N
                 [--validation PATH...] [--reuse-shards] [--tokenizer-json PATH] [--config CONFIG]
-                [--workspace ROOT] [--dry-run] [--stop-after STAGE] [key=value ...]
+                [--workspace ROOT] [--dry-run] [--stop-after STAGE] [--stages pretrain,instruct,tool,reasoning]
+                [key=value ...] [instruct.key=value ...]
 
 Environment knobs (the pod's): RUN_EXPERIMENT (--experiment), RUN_CONFIG (--config), RUN_SHARD
-(1: shard the inputs, 0: reuse existing shards), SHARD_LINES (--train-shard-lines).
+(1: shard the inputs, 0: reuse existing shards), SHARD_LINES (--train-shard-lines), RUN_STAGES (--stages).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import typer
 from rich.console import Console
 
 from orchestrator.pipeline import Pipeline, PipelineError, PipelineOptions
+from orchestrator.sft_stages import parse_stages
 from orchestrator.stages import STAGE_NAMES, StageFailed, summary_table
 from sharder.argv import spread_multi_value_flags
 
 EXIT_USAGE = 2
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help=__doc__ + "\nSub-commands: `orchestrate pod --help`, `orchestrate volume --help`, `orchestrate tokenizer --help`.")
+                  help=__doc__ + "\nSub-commands: `orchestrate pod --help`, `orchestrate volume --help`, `orchestrate tokenizer --help`, "
+                  "`orchestrate evaluate|sample|export --help` (docs/evaluate.md), `orchestrate sft --help` (docs/finetune.md).")
 
 
 def _run_shard_env() -> bool | None:
@@ -59,6 +62,8 @@ def pipeline(
     tokenizer_sample_gb: float = typer.Option(2.0, "--tokenizer-sample-gb", help="text sampled to train the tokenizer"),
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1,
                                                  help="training processes (default: one per GPU); more than one runs torchrun"),
+    stages: str = typer.Option("pretrain", "--stages", envvar="RUN_STAGES",
+                               help="pretrain,instruct,tool,reasoning (a subset, in order); SFT stages read orchestrate sft prepare's files"),
 ) -> None:
     """The whole pipeline: layout -> shard -> tokenizer -> emit -> train, each stage skipped when done.
 
@@ -69,13 +74,18 @@ def pipeline(
         print(f"orchestrate: error: --mode {mode!r}: expected cloud or local", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE)
     shard_env = _run_shard_env()
+    try:
+        stage_list = parse_stages(stages)
+    except ValueError as exc:
+        print(f"orchestrate: error: {exc}", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
     shard = not reuse_shards and shard_env is not False  # without --input, Pipeline names the flag
     console = Console(highlight=False, soft_wrap=True)
     opts = PipelineOptions(mode=mode, inputs=list(inputs or []), validation=list(validation or []), experiment=experiment,
                            train_shard_lines=train_shard_lines, shard=shard, tokenizer_json=tokenizer_json, config=config,
                            workspace=workspace, stop_after=stop_after, overrides=list(overrides or []), val_ratio=val_ratio,
                            take=take, gzip=gzip, text_field=text_field, tokenizer_sample_bytes=int(tokenizer_sample_gb * 1e9),
-                           nproc=nproc_per_node, data=data)
+                           nproc=nproc_per_node, data=data, stages=stage_list)
     try:
         pipe = Pipeline(opts, console)
         console.print(f"orchestrate: mode {mode}, experiment {pipe.layout.experiment}, workspace {pipe.layout.root}, "
@@ -91,7 +101,7 @@ def pipeline(
 
 
 def main() -> None:
-    """Dispatch ``pod``/``tokenizer`` sub-commands; everything else is the pipeline (which takes key=value)."""
+    """Dispatch ``pod``/``volume``/``tokenizer``/``sft``/``evaluate``/``sample``/``export``; everything else is the pipeline (which takes key=value)."""
     args = sys.argv[1:]
     if args and args[0] == "pod":
         from orchestrator.pods.cli import app as pod_app
@@ -101,6 +111,14 @@ def main() -> None:
         from orchestrator.pods.cli import volume_app
 
         volume_app(args=args[1:], prog_name="orchestrate volume")
+    elif args and args[0] == "sft":
+        from orchestrator.sft_cli import main as sft_main
+
+        sft_main(args[1:])
+    elif args and args[0] in ("evaluate", "sample", "export"):
+        from orchestrator.use_cli import app as use_app
+
+        use_app(args=args, prog_name="orchestrate")
     elif args and args[0] == "tokenizer":
         from orchestrator.tokenizer_cli import app as tokenizer_app
 

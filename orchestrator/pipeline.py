@@ -1,4 +1,5 @@
-"""The whole pipeline as stages: layout → shard → (curate, when the recipe curates) → tokenizer → emit → train.
+"""The whole pipeline as stages: layout → shard → (curate, when the recipe curates) → tokenizer → emit → train,
+then, with ``--stages ...,instruct,tool,reasoning``, one stage per fine-tuning phase (orchestrator/sft_stages.py).
 
 Each stage is a plain function over :class:`PipelineOptions` and the :class:`Layout`; the runner in
 ``orchestrator.stages`` decides, from completion markers, which ones need to run. Everything here
@@ -22,6 +23,7 @@ from rich.console import Console
 
 from orchestrator.encode import EncodeError, encode_shards
 from orchestrator.lock import ExperimentLock, LockHeld
+from orchestrator.sft_stages import finished, run_sft_stage, sft_stage_inputs, split_overrides, stage_dir
 from orchestrator.stages import STAGE_NAMES, Stage, StageRecord, run_stages
 from orchestrator.torchrun_output import filter_stream
 from orchestrator.tokenizer import META_FILE, TOKENIZER_FILE, TokenizerBundle, TokenizerError, prepare_tokenizer
@@ -62,6 +64,7 @@ class PipelineOptions:
     tokenizer_sample_bytes: int = 2_000_000_000
     nproc: int | None = None  # training processes; None: one per visible GPU (torch.cuda.device_count())
     data: str | None = None  # a data recipe file (--data): replaces --input
+    stages: list[str] = field(default_factory=lambda: ["pretrain"])  # --stages: pretrain and/or the SFT stages
 
     def config_path(self) -> Path:
         raw = Path(self.config or DEFAULT_CONFIG[self.mode])
@@ -184,12 +187,14 @@ class Pipeline:
         except LayoutError as exc:
             raise PipelineError(str(exc)) from None
         self.config_path = opts.config_path()
+        self.overrides, _ = split_overrides(opts.overrides)  # instruct.key=value and the like: for that stage only
         try:
-            self.base_config = load_config(self.config_path, opts.overrides)  # fail fast, before any stage
+            self.base_config = load_config(self.config_path, self.overrides)  # fail fast, before any stage
         except ConfigError as exc:
             raise PipelineError(str(exc)) from None
         self.recipe = _load_recipe(opts)
-        if opts.shard and not opts.inputs and self.recipe is None:
+        self.pretrain = "pretrain" in opts.stages
+        if self.pretrain and opts.shard and not opts.inputs and self.recipe is None:
             raise PipelineError("--input: required to shard (or pass --reuse-shards / RUN_SHARD=0 to use existing shards)")
         self.input_ids = _input_identity(opts.inputs, "--input") if opts.shard else []
         if self.recipe is not None:
@@ -226,7 +231,18 @@ class Pipeline:
         ]
         last = STAGE_NAMES.index(o.stop_after)
         # the curate stage exists only when the recipe curates: runs without one keep their stage list
-        return [s for s in all_stages if STAGE_NAMES.index(s.name) <= last and (s.name != "curate" or curate)]
+        chosen = [s for s in all_stages if STAGE_NAMES.index(s.name) <= last and (s.name != "curate" or curate)]
+        if not self.pretrain:
+            chosen = [s for s in chosen if s.name == "layout"]
+        previous, previous_inputs = "pretrain", {"emit": emit_inputs} if self.pretrain else {"pretrained": str(L.run / "checkpoints")}
+        for name in (s for s in o.stages if s != "pretrain"):
+            inputs = sft_stage_inputs(self, name, previous_inputs)
+            run_dir = stage_dir(L, name)
+            chosen.append(Stage(name, inputs, lambda changed, n=name, p=previous: run_sft_stage(self, n, p),
+                                lambda d=run_dir: finished(d / "checkpoints", d / "training.yaml"),
+                                plan=f"{previous} final -> {name}: train {run_dir / 'training.yaml'} -> {run_dir / 'checkpoints'}"))
+            previous, previous_inputs = name, inputs
+        return chosen
 
     def layout_stage(self, changed: bool) -> dict[str, Any]:
         made = self.layout.create()
@@ -308,7 +324,7 @@ class Pipeline:
         })
         if data["val_data"] is None:
             del data["val_data"]
-        return validate_config(data, str(self.config_path), self.opts.overrides)
+        return validate_config(data, str(self.config_path), self.overrides)
 
     def emit_stage(self, changed: bool) -> dict[str, Any]:
         L = self.layout
@@ -338,10 +354,7 @@ class Pipeline:
         code = launch_training(self.layout.run / "training.yaml", self.opts.nproc, self.console)
         if code != 0:
             raise TrainingExit(code)
-        metrics = [json.loads(x) for x in (Path(cfg.checkpoint_dir) / "metrics.jsonl").read_text().splitlines()
-                   ] if (Path(cfg.checkpoint_dir) / "metrics.jsonl").exists() else []
-        tps = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
-        return {"result": str(cfg.checkpoint_dir), "throughput": f"{tps[-1]:,.0f} tokens/s" if tps else ""}
+        return training_summary(cfg)
 
     def run(self, dry_run: bool = False) -> list[StageRecord]:
         if dry_run:
@@ -363,6 +376,14 @@ class Pipeline:
             raise PipelineError(str(exc)) from None
         except OSError as exc:
             raise PipelineError(self.layout.unwritable(exc, self.opts.workspace is not None)) from None
+
+
+def training_summary(cfg: TrainConfig) -> dict[str, Any]:
+    """A finished training stage's summary: its checkpoints and last logged throughput."""
+    path = Path(cfg.checkpoint_dir) / "metrics.jsonl"
+    metrics = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    tps = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
+    return {"result": str(cfg.checkpoint_dir), "throughput": f"{tps[-1]:,.0f} tokens/s" if tps else ""}
 
 
 class TrainingExit(RuntimeError):

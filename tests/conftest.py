@@ -89,3 +89,21 @@ def tiny_config(corpus: dict[str, Path], out: Path, **overrides: object) -> dict
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return cfg
+
+
+def write_byte_tokenizer(directory: Path) -> Path:
+    """A real ``tokenizers`` tokenizer.json whose ids are the UTF-8 bytes (256 = end-of-text): it
+    encodes text exactly as the byte corpus was, so byte-corpus checkpoints can be sampled, evaluated
+    on text and exported with a tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    chars = {b: chr(b) if b in printable else chr(next(shifted)) for b in range(256)}  # GPT-2's bytes_to_unicode
+    tok = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    return directory

@@ -164,7 +164,7 @@ def test_four_stages_run_in_order_with_the_documented_flags(pod: dict) -> None:
         f"--workspace {root} --input {pod['env']['RUN_INPUT']}",
         f"orchestrate {common} --stop-after emit",
         f"tensorboard --logdir {root}/runs/{exp}/tensorboard --host 0.0.0.0 --port 6006",
-        f"orchestrate {common}",
+        f"orchestrate {common} --stages pretrain",
     ]
     assert "start.sh " in _calls(pod)  # the image's SSH/Jupyter starter was launched too
     for sub in (f"datasets/train/{exp}", f"datasets/val/{exp}", f"artifacts/tokenizer/{exp}",
@@ -190,6 +190,19 @@ def test_a_second_boot_reuses_the_install_and_skips_sharding(pod: dict) -> None:
     assert [c.split()[0] for c in second] == ["orchestrate", "orchestrate"]  # no pip, no sharder
     assert "stage shard: skipped (RUN_SHARD=0)" in result.stdout
     assert (pod["run_dir"] / "boot.log").read_text().count("---- boot of experiment") == 2
+
+
+def test_run_stages_prepares_the_sft_data_and_chains_the_stages(pod: dict) -> None:
+    root, exp = pod["root"], "tiny-exp"
+    result = _boot(pod, RUN_SHARD="0", RUN_STAGES="instruct,tool", RUN_TOOL_LIMIT="500")
+    assert result.returncode == 0, result.stdout
+    calls = [c for c in _calls(pod) if c.startswith("orchestrate")]
+    assert calls == [
+        f"orchestrate sft prepare --mode cloud --workspace {root} --experiment {exp} --tool-limit 500 --stages instruct tool",
+        f"orchestrate --mode cloud --workspace {root} --experiment {exp} --config configs/tiny.yaml "
+        f"--train-shard-lines 1000 --reuse-shards --stages instruct,tool",
+    ]
+    assert "stage tokenizer: skipped (RUN_STAGES=instruct,tool has no pretrain)" in result.stdout
 
 
 def test_hub_fineweb_is_the_default_shard_source(pod: dict) -> None:
@@ -267,7 +280,8 @@ def test_sigterm_reaches_training_and_is_not_a_failure(pod: dict) -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [({"RUN_SHARD": "yes"}, "RUN_SHARD='yes' must be 0 or 1"),
-     ({"SHARD_LINES": "0"}, "SHARD_LINES='0' must be a positive integer")],
+     ({"SHARD_LINES": "0"}, "SHARD_LINES='0' must be a positive integer"),
+     ({"RUN_STAGES": "pretrain,chat"}, "RUN_STAGES='pretrain,chat' must be a comma-separated subset of pretrain,instruct,tool,reasoning")],
 )
 def test_bad_knobs_fail_the_prep_stage(pod: dict, env: dict, message: str) -> None:
     result = _boot(pod, **env)

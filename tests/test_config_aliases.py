@@ -4,6 +4,7 @@ the keys they brought along: eval_only, always_save_checkpoint, wandb_log with w
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -79,9 +80,13 @@ def test_an_alias_and_its_canonical_key_must_agree_in_a_file(tmp_path) -> None:
         load_config(path)
 
 
-def test_init_from_is_not_an_alias_and_says_what_to_use(base) -> None:
-    with pytest.raises(ConfigError, match=r"init_from: unknown key \(no podtrain equivalent: start from a checkpoint with --resume"):
-        load_config(base, ["init_from=resume"])
+def test_dataset_is_not_an_alias_and_says_what_to_use(base) -> None:
+    with pytest.raises(ConfigError, match=r"dataset: unknown key \(no podtrain equivalent: point train_data/val_data at token shards"):
+        load_config(base, ["dataset=openwebtext"])
+
+
+def test_init_from_is_a_podtrain_key(base) -> None:
+    assert load_config(base, ["init_from=resume"]).init_from == "resume"
 
 
 def test_seed_001_command_line_as_written(byte_corpus, tmp_path) -> None:
@@ -129,7 +134,8 @@ def test_eval_only_evaluates_the_resumed_weights_and_trains_nothing(byte_corpus,
     result = runner.invoke(app, [str(path), "eval_only=True", "--resume", "auto"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1].keys() == {"step", "val_loss"} and rows[-1]["step"] == 10
+    assert rows[-1].keys() == {"step", "val_loss", "val_ppl"} and rows[-1]["step"] == 10
+    assert rows[-1]["val_ppl"] == pytest.approx(math.exp(rows[-1]["val_loss"]))
     assert rows[-1]["val_loss"] == pytest.approx(rows[-2]["val_loss"], abs=1e-6)  # the same weights, the same windows
     assert "step 10 | val loss" in result.output and "(eval_only)" in result.output
 

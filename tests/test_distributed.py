@@ -111,3 +111,15 @@ def test_a_dead_rank_brings_the_group_down_without_hanging(byte_corpus, tmp_path
     assert proc.returncode != 0
     assert time.time() - t0 < 90
     assert "SIGKILL" in out or "Signal 9" in out or "exitcode" in out
+
+
+@pytest.mark.parametrize("strategy", ["fsdp"])
+def test_init_from_a_checkpoint_under_two_ranks(byte_corpus, tmp_path, strategy) -> None:
+    """Rank 0 reads the weights, the other rank receives them sharded: both evaluate the checkpoint's model."""
+    launch(write_config(byte_corpus, tmp_path / "src", "none"), "none")
+    source = losses(tmp_path / "src", "val_loss")
+    config = write_config(byte_corpus, tmp_path / "ft", strategy, init_from=str(tmp_path / "src" / "ckpt" / "final"),
+                          eval_only=True)
+    proc = launch(config, strategy)
+    assert proc.stdout.count("weights loaded") == 1
+    assert abs(losses(tmp_path / "ft", "val_loss")[0] - source[6]) <= 1e-5

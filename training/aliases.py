@@ -7,8 +7,9 @@ went, so the user learns podtrain's name the first time. Aliases are top-level k
 config file or in a ``key=value`` override; a canonical key given too wins only if it agrees.
 
 ``min_lr`` (absolute in nanoGPT) becomes ``scheduler.min_lr_ratio`` once the peak learning rate
-is known, so it is resolved after every override. ``init_from`` and ``dataset`` have no
-equivalent here: they stay unknown keys, and the error carries the hint of ``NO_EQUIVALENT``.
+is known, so it is resolved after every override. ``dataset`` has no equivalent here: it stays an
+unknown key, and the error carries the hint of ``NO_EQUIVALENT``. (nanoGPT's ``init_from`` is a
+podtrain key of the same name: training/init.py.)
 """
 
 from __future__ import annotations
@@ -65,7 +66,6 @@ ALIASES: dict[str, Alias] = {
 
 MIN_LR = "min_lr"  # absolute floor, resolved against optimizer.lr by resolve_min_lr
 NO_EQUIVALENT = {
-    "init_from": "start from a checkpoint with --resume PATH|auto",
     "dataset": "point train_data/val_data at token shards (docs/data.md)",
 }
 

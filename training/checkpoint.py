@@ -15,6 +15,7 @@ of hard links to the first, not a second write.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -142,19 +143,35 @@ def live_storages(*tensor_trees: Any) -> set[int]:
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL"}
+TORCH_DTYPES = {name: dtype for dtype, name in _ST_DTYPES.items()}  # a safetensors dtype name -> torch dtype
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+@dataclass
+class LazyTensor:
+    """A tensor written when its turn comes: an export builds each one (a transpose, a fused q/k/v)
+    only while it is being written, so a file is streamed without the whole model in memory."""
+
+    shape: list[int]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor | LazyTensor], metadata: dict[str, str]) -> None:
     """Stream ``tensors`` into ``path`` in the safetensors format, one tensor at a time.
 
     The library's ``save_file`` writes through a temporary of its own naming (left behind by a
     SIGKILL, unknown to podtrain's clean-up) and ``save`` builds the whole file in memory; this
-    writes the header, then each tensor's bytes straight from its storage.
+    writes the header, then each tensor's bytes straight from its storage (a :class:`LazyTensor`
+    is materialised just before its bytes are written, and dropped after).
     """
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
     for name, t in tensors.items():
-        size = t.numel() * t.element_size()
+        size = t.nbytes if isinstance(t, LazyTensor) else t.numel() * t.element_size()
         header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -162,7 +179,11 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
     with open(path, "wb") as fh:
         fh.write(len(raw).to_bytes(8, "little"))
         fh.write(raw)
-        for t in tensors.values():
+        for name, t in tensors.items():
+            if isinstance(t, LazyTensor):
+                t = t.load().to(t.dtype)
+                if list(t.shape) != header[name]["shape"]:
+                    raise ValueError(f"{name}: built with shape {list(t.shape)}, declared {header[name]['shape']}")
             if t.numel():
                 fh.write(memoryview(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()))
 

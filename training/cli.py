@@ -23,6 +23,7 @@ from rich.console import Console
 
 from training.checkpoint import CheckpointError, NoSuchCheckpoint
 from training.config import CONFIG_SUFFIXES, ConfigError, TrainConfig, load_config
+from training.init import InitError, resolve_config
 from training.presets import PresetError
 
 EXIT_ERROR = 1
@@ -88,8 +89,8 @@ def main_command(
             from training.presets import pick_preset_for_all_ranks
 
             config = str(pick_preset_for_all_ranks())
-        cfg = load_config(config, overrides, notes)
-    except (ConfigError, PresetError) as exc:
+        cfg = resolve_config(load_config(config, overrides, notes))
+    except (ConfigError, PresetError, InitError) as exc:
         _fail(str(exc))
     _check_wandb(cfg)
     if is_main:

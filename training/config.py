@@ -146,8 +146,22 @@ class DistributedConfig(_Strict):
     reshard_after_forward: bool = True
 
 
+class SFTConfig(_Strict):
+    """Supervised fine-tuning (stages instruct, tool, reasoning; docs/finetune.md)."""
+
+    packing: Literal["packed", "padded"] = Field(
+        "packed", description="packed: examples laid end to end with per-example attention (doc_ids); padded: one per row")
+
+
+SFT_STAGES = ("instruct", "tool", "reasoning")
+SFT_LR = 1e-5  # seed 004's fine-tuning tips: lr 1e-5, warmup 3% of the steps (weight decay 0.1 and clip 1.0 are the defaults)
+SFT_WARMUP_FRACTION = 0.03
+
+
 class TrainConfig(_Strict):
     description: str = ""
+    stage: Literal["pretrain", "instruct", "tool", "reasoning"] = Field(
+        "pretrain", description="pretrain reads token shards; the others read canonical SFT .jsonl through tokenizer_path's chat template")
     train_data: str | list[str]
     val_data: str | list[str] | None = None
     tokenizer_path: str | None = None
@@ -164,6 +178,8 @@ class TrainConfig(_Strict):
     eval_every: int = Field(500, ge=1)
     eval_steps: int = Field(50, ge=1)
     eval_only: bool = Field(False, description="Evaluate the (resumed) model once and exit without training")
+    init_from: str = Field("scratch", min_length=1, description="scratch | resume | a podtrain checkpoint (weights only, "
+                           "fresh optimizer) | a Hugging Face folder or hub id (Llama, GPT-2); see training/init.py")
     always_save_checkpoint: bool = Field(True, description="False: periodic checkpoints only when val loss improved")
     use_wandb: bool = False
     wandb_project: str = "light-llm"
@@ -186,6 +202,20 @@ class TrainConfig(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+
+    @model_validator(mode="after")
+    def _sft_defaults(self) -> "TrainConfig":
+        """An SFT stage takes seed 004's fine-tuning lr and warmup unless the config sets them."""
+        if self.stage == "pretrain":  # an sft section is ignored (every saved config carries one)
+            return self
+        if not self.tokenizer_path:
+            raise ValueError(f"tokenizer_path: stage {self.stage} needs the chat tokenizer bundle (orchestrate sft prepare writes it)")
+        if "lr" not in self.optimizer.model_fields_set:
+            self.optimizer.lr = SFT_LR
+        if "warmup_steps" not in self.scheduler.model_fields_set:
+            self.scheduler.warmup_steps = math.ceil(SFT_WARMUP_FRACTION * self.schedule_steps)
+        return self
 
     @model_validator(mode="after")
     def _lengths(self) -> "TrainConfig":

@@ -170,7 +170,7 @@ class Prefetcher:
     state reported is that of the last batch consumed: exact resume is unaffected by prefetching.
     """
 
-    def __init__(self, loader: BatchLoader, depth: int, pin: bool = False) -> None:
+    def __init__(self, loader: "BatchLoader", depth: int, pin: bool = False) -> None:
         self.loader = loader
         self.depth = depth
         self.pin = pin  # page-locked batches: the host-to-GPU copy runs asynchronously (non_blocking)
@@ -186,7 +186,7 @@ class Prefetcher:
         assert self._queue is not None
         while not self._stop.is_set():
             try:
-                item = (*self._read(), self.loader.state_dict())
+                item = (self._read(), self.loader.state_dict())
             except BaseException as exc:  # surface reader errors in the training thread
                 item = exc
             while not self._stop.is_set():
@@ -198,20 +198,20 @@ class Prefetcher:
             if isinstance(item, BaseException):
                 return
 
-    def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.loader.next_batch()
-        return (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
+    def _read(self) -> tuple:
+        batch = self.loader.next_batch()  # (x, y), or (x, y, doc_ids) from the SFT loader
+        return tuple(t.pin_memory() if self.pin and t is not None else t for t in batch)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple:
         if self._queue is None:
-            x, y = self._read()
+            batch = self._read()
             self._state = self.loader.state_dict()
-            return x, y
+            return batch
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
-        x, y, self._state = item
-        return x, y
+        batch, self._state = item
+        return batch
 
     def state_dict(self) -> dict[str, int]:
         return dict(self._state)

@@ -134,6 +134,7 @@ class Transformer(nn.Module):
         self.norm = _norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
+        self.register_load_state_dict_pre_hook(_fill_tied_head)
         if cfg.positional.type == "rope":
             self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
             self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
@@ -226,17 +227,13 @@ class Transformer(nn.Module):
         # The loss without the (B*T, vocab) logits: chunked (or liger's fused kernel on CUDA).
         return None, linear_cross_entropy(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1))
 
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 50) -> torch.Tensor:
-        """Sample continuations (no KV cache: for demos and smoke checks, not serving)."""
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.cfg.max_seq_len :])
-            logits = logits[:, -1, :] / max(temperature, 1e-5)
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), 1)), dim=1)
-        return idx
+
+def _fill_tied_head(module: Transformer, state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints store a tied head once (as ``embed_tokens.weight``): fill ``lm_head.weight`` from it,
+    so ``model.load_state_dict(load_file("best.safetensors"))`` works as plain torch code expects (seed 003)."""
+    head, embed = f"{prefix}lm_head.weight", f"{prefix}embed_tokens.weight"
+    if module.cfg.tie_embeddings and head not in state_dict and embed in state_dict:
+        state_dict[head] = state_dict[embed]
 
 
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:

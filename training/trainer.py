@@ -20,7 +20,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -28,10 +28,12 @@ from rich.console import Console
 from rich.table import Table
 
 from training import checkpoint as ckpt
+from training import init
 from training.checkpointer import Checkpointer
 from training.config import TrainConfig
 from training.data import BatchLoader, Prefetcher, TokenStream, iter_eval_batches, resolve_shards
 from training.distributed import Dist, setup
+from training.evaluate import mean_loss, perplexity
 from training.metrics import RunLog, compile_report, device_peak_flops, mfu, system_telemetry, trim_metrics
 from training.model import build_meta_model, count_parameters, flops_per_token
 from training import moe
@@ -71,10 +73,9 @@ def train_step(model: torch.nn.Module, batches: Prefetcher, optimizer: torch.opt
     for micro in range(accum):
         if micro and agreement.should_abandon():
             return None
-        x, y = batches.next_batch()
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y, doc_ids = _batch(batches.next_batch(), device)
         with dist.grad_sync(model, enabled=micro == accum - 1), precision.autocast():
-            _, loss = model(x, y)
+            _, loss = model(x, y) if doc_ids is None else model(x, y, doc_ids=doc_ids)
             loss = loss / accum
         scaler.scale(loss).backward()
         total += loss.detach()
@@ -86,16 +87,32 @@ def train_step(model: torch.nn.Module, batches: Prefetcher, optimizer: torch.opt
     return dist.all_reduce_mean(total), norm
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, stream: TokenStream, cfg: TrainConfig, dist: Dist, precision: Precision) -> float:
-    model.eval()
-    losses = []
-    for x, y in iter_eval_batches(stream, cfg.batch_size, cfg.seq_len, cfg.eval_steps, dist.rank, dist.world_size):
-        with precision.autocast():
-            _, loss = model(x.to(dist.device), y.to(dist.device))
-        losses.append(loss.float())
-    model.train()
-    return float(dist.all_reduce_mean(torch.stack(losses).mean()))
+def _batch(batch: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(x, y)`` of pretraining or ``(x, y, doc_ids)`` of a fine-tuning stage (doc_ids None when padded), on ``device``."""
+    x, y, *rest = batch
+    doc_ids = rest[0] if rest else None
+    return (x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+            doc_ids.to(device, non_blocking=True) if doc_ids is not None else None)
+
+
+def evaluate(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], dist: Dist, precision: Precision) -> float:
+    """Mean validation loss over ``batches`` (the same ones every time: see ``_data``), averaged over ranks."""
+    return float(dist.all_reduce_mean(mean_loss(model, batches, dist.device, precision.autocast)))
+
+
+def _data(cfg: TrainConfig, dist: Dist, warn) -> tuple[Any, Callable[[], Iterator[tuple]] | None]:
+    """The training loader and the validation batches of ``cfg.stage``: token-shard windows for
+    pretraining, chat-template examples for a fine-tuning stage (training/sft/loader.py)."""
+    if cfg.stage != "pretrain":
+        from training.sft.loader import build_sft_loaders
+
+        return build_sft_loaders(cfg, dist.rank, dist.world_size, warn if dist.is_main else None)
+    loader = BatchLoader(TokenStream(resolve_shards(cfg.train_data), cfg.seed, cfg.model.vocab_size),
+                         cfg.batch_size, cfg.seq_len, dist.rank, dist.world_size)
+    if not cfg.val_data:
+        return loader, None
+    val_stream = TokenStream(resolve_shards(cfg.val_data, "val_data"), cfg.seed, cfg.model.vocab_size, key="val_data")
+    return loader, lambda: iter_eval_batches(val_stream, cfg.batch_size, cfg.seq_len, cfg.eval_steps, dist.rank, dist.world_size)
 
 
 def _seed_everything(seed: int) -> None:
@@ -119,6 +136,9 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
           console: Console | None = None) -> TrainResult:
     """Train ``cfg`` to ``num_steps`` (or until stopped); returns what happened, never sys.exits."""
     start_time = time.monotonic()
+    cfg = init.resolve_config(cfg)  # the model (and tokenizer) of init_from's checkpoint or HF model
+    if cfg.init_from == init.RESUME and resume is None:
+        resume = "auto"
     dist = setup(cfg.distributed, cfg.device)
     explicit_dtype = "dtype" in cfg.model_fields_set
     precision = resolve_precision(cfg.dtype, explicit_dtype, dist.device, fsdp=dist.strategy == "fsdp")
@@ -132,11 +152,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
     optimizer = build_optimizer(net, cfg.optimizer, dist.device.type)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.schedule_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision.use_scaler)
-    loader = BatchLoader(TokenStream(resolve_shards(cfg.train_data), cfg.seed, cfg.model.vocab_size),
-                         cfg.batch_size, cfg.seq_len, dist.rank, dist.world_size)
-    val_stream = None
-    if cfg.val_data:
-        val_stream = TokenStream(resolve_shards(cfg.val_data, "val_data"), cfg.seed, cfg.model.vocab_size, key="val_data")
+    loader, val_batches = _data(cfg, dist, log.warn)
     checkpoints = Checkpointer(ckpt_dir, dist, cfg.to_plain(), cfg.keep_last_n, cfg.model.tie_embeddings, log.warn)
 
     step, tokens_seen, best_val = 0, 0, math.inf
@@ -157,6 +173,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
     else:
         if resume == "auto":
             log.info(f"no checkpoint in {ckpt_dir}: starting fresh")
+        init.load_initial_weights(cfg, net, dist, log.info)  # before the per-rank seed: every rank loads the same
         torch.manual_seed(cfg.seed + dist.rank)  # per-rank dropout streams; init above was identical
         if cfg.active_expert is not None:
             moe.load_expert_run_start(net, cfg, dist, log.info)
@@ -179,9 +196,9 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
 
     if cfg.eval_only:  # seed 001: one evaluation of the (resumed) weights, nothing trained or saved
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        val = evaluate(net, val_stream, cfg, dist, precision)
-        log.info(f"step {step} | val loss {val:.4f} (eval_only)")
-        record({"val_loss": val})
+        val = evaluate(net, val_batches(), dist, precision)
+        log.info(f"step {step} | val loss {val:.4f} | ppl {perplexity(val):.2f} (eval_only)")
+        record({"val_loss": val, "val_ppl": perplexity(val)})
         log.close()
         dist.shutdown()
         return TrainResult(EXIT_OK, step, tokens_seen, time.monotonic() - start_time, val_losses={step: val},
@@ -211,10 +228,10 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
     try:
         if step >= cfg.num_steps:
             log.info(f"already at step {step} of {cfg.num_steps}: nothing to train")
-        elif step == 0 and val_stream is not None:  # where the validation curve starts
-            val = result.val_losses[0] = evaluate(net, val_stream, cfg, dist, precision)
-            log.info(f"step 0 | val loss {val:.4f} (untrained)")
-            record({"val_loss": val})
+        elif step == 0 and val_batches is not None:  # where the validation curve starts
+            val = result.val_losses[0] = evaluate(net, val_batches(), dist, precision)
+            log.info(f"step 0 | val loss {val:.4f} | ppl {perplexity(val):.2f} (untrained)")
+            record({"val_loss": val, "val_ppl": perplexity(val)})
         window_start = time.perf_counter()
         while step < cfg.num_steps:
             boundary = (batches.state_dict(), ckpt.rng_state(dist.device))  # where an abandoned step resumes from
@@ -276,13 +293,13 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
             due: list[str] = []  # tags due at this step: written once, the others linked to it
             if finite and step < cfg.num_steps and cfg.always_save_checkpoint and (step % cfg.save_every == 0 or timed):
                 due.append(ckpt.step_tag(step))
-            if finite and val_stream is not None and (step % cfg.eval_every == 0 or step == cfg.num_steps):
+            if finite and val_batches is not None and (step % cfg.eval_every == 0 or step == cfg.num_steps):
                 t_eval = time.perf_counter()
-                val = evaluate(net, val_stream, cfg, dist, precision)
+                val = evaluate(net, val_batches(), dist, precision)
                 window_excluded += time.perf_counter() - t_eval
                 result.val_losses[step] = val
-                log.info(f"step {step} | val loss {val:.4f}" + (" (best)" if val < best_val else ""))
-                record({"val_loss": val})
+                log.info(f"step {step} | val loss {val:.4f} | ppl {perplexity(val):.2f}" + (" (best)" if val < best_val else ""))
+                record({"val_loss": val, "val_ppl": perplexity(val)})
                 if val < best_val:
                     best_val = val
                     due.append("best")

@@ -1,7 +1,7 @@
 """Perplexity filtering (seed 004): score every document with a reference model once, keep the
 scores in side files, then drop by a threshold or a percentile that can change without rescoring.
 
-The reference model is a podtrain checkpoint (loaded with training/sample.py's ``load_model``, its
+The reference model is a podtrain checkpoint (loaded with training/inference.py's ``load_checkpoint``, its
 tokenizer.json beside it) or, when ``kenlm_model`` is given and the ``kenlm`` package is
 importable, a KenLM model (the CCNet/FineWeb-style choice). Scores are per input shard:
 ``<scores>/<shard>.npy``, one float64 perplexity per line, written atomically.
@@ -29,10 +29,10 @@ class _CheckpointScorer:
         import torch
         from tokenizers import Tokenizer
 
-        from training.sample import load_model
+        from training.inference import load_checkpoint
 
         self.torch = torch
-        self.model = load_model(checkpoint, tag)
+        self.model = load_checkpoint(str(Path(checkpoint) / tag)).model
         self.tokenizer = Tokenizer.from_file(tokenizer)
         self.max_tokens = min(max_tokens, self.model.cfg.max_seq_len + 1)
 

@@ -1,0 +1,117 @@
+"""The fine-tuning stages of ``orchestrate --stages pretrain,instruct,tool,reasoning``.
+
+Each SFT stage is one pipeline stage (a completion marker in ``runs/<exp>/stages/<stage>.json``)
+that starts from the previous stage's ``final`` checkpoint:
+
+1. the chat tokenizer bundle (base bundle + chat tokens + template) beside the base bundle;
+2. the start checkpoint: for the first SFT stage, the pretrained ``final`` with embedding rows for
+   the chat tokens (training/sft/resize.py); for later ones, the previous stage's ``final`` as is;
+3. ``runs/<exp>/<stage>/training.yaml``: the pipeline's config with ``stage``, the stage's JSONL
+   (from ``orchestrate sft prepare``), the chat bundle, ``init_from`` and the stage's folders, then
+   the user's overrides, then those prefixed with the stage's name (``instruct.num_steps=500``);
+4. the trainer, ``--resume auto``: an interrupted stage continues where it stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.sft_cli import sft_dir
+from orchestrator.workspace import Layout
+from training.checkpoint import list_tags
+from training.config import SFT_STAGES, ConfigError, dump_config, load_config, read_config_file, validate_config
+from training.sft.records import STAGE_FILES
+
+if TYPE_CHECKING:
+    from orchestrator.pipeline import Pipeline
+
+PIPELINE_STAGES = ("pretrain", *SFT_STAGES)
+INIT_KEY = "init_from"
+
+
+def parse_stages(spec: str) -> list[str]:
+    """``pretrain,instruct,tool`` -> the list, in pipeline order, each known and none repeated."""
+    items = [s.strip() for s in spec.replace(" ", ",").split(",") if s.strip()]
+    unknown = [s for s in items if s not in PIPELINE_STAGES]
+    if unknown or not items:
+        raise ValueError(f"--stages {spec!r}: expected a comma-separated subset of {','.join(PIPELINE_STAGES)}")
+    if len(set(items)) != len(items) or items != sorted(items, key=PIPELINE_STAGES.index):
+        raise ValueError(f"--stages {spec!r}: each stage once, in the order {','.join(PIPELINE_STAGES)}")
+    return items
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Overrides for every run, and per SFT stage those written ``<stage>.key=value`` (prefix removed)."""
+    common: list[str] = []
+    per_stage: dict[str, list[str]] = {s: [] for s in SFT_STAGES}
+    for item in overrides:
+        head, dot, rest = item.partition(".")
+        if dot and head in per_stage and "=" in rest:
+            per_stage[head].append(rest)
+        else:
+            common.append(item)
+    return common, per_stage
+
+
+def chat_bundle_dir(layout: Layout) -> Path:
+    return layout.tokenizer.with_name(layout.tokenizer.name + ".chat")
+
+
+def stage_dir(layout: Layout, stage: str) -> Path:
+    """A stage's run folder: the experiment's own for pretraining, a sub-folder per SFT stage."""
+    return layout.run if stage == "pretrain" else layout.run / stage
+
+
+def finished(checkpoints: Path, config: Path) -> bool:
+    """``final`` exists at the configured number of steps."""
+    try:
+        target = load_config(config).num_steps
+    except ConfigError:
+        return False
+    return any(tag == "final" and step >= target for step, tag in list_tags(checkpoints))
+
+
+def sft_stage_inputs(pipe: "Pipeline", stage: str, previous: dict[str, Any]) -> dict[str, Any]:
+    data = sft_dir(pipe.layout) / STAGE_FILES[stage]
+    ident = (str(data), data.stat().st_size, data.stat().st_mtime_ns) if data.exists() else str(data)
+    common, per_stage = split_overrides(pipe.opts.overrides)  # another stage's overrides do not redo this one
+    return {"previous": previous, "data": ident, "config": pipe.config_path.read_text(encoding="utf-8"),
+            "overrides": common + per_stage[stage]}
+
+
+def run_sft_stage(pipe: "Pipeline", stage: str, previous_stage: str) -> dict[str, Any]:
+    """Steps 1-4 above; returns the stage summary (the trainer's last throughput)."""
+    from orchestrator.pipeline import PipelineError, TrainingExit, launch_training, training_summary
+    from training.sft.resize import resize_checkpoint
+    from training.sft.template import TemplateError, write_chat_bundle
+
+    L = pipe.layout
+    data = sft_dir(L) / STAGE_FILES[stage]
+    if not data.exists():
+        raise PipelineError(f"{stage}: {data} missing; run orchestrate sft prepare --stages {stage} "
+                            f"--experiment {L.experiment} --workspace {L.root} first")
+    try:
+        chat = write_chat_bundle(L.tokenizer, chat_bundle_dir(L))
+    except TemplateError as exc:
+        raise PipelineError(f"{stage}: {exc}") from None
+    prev_ckpt = stage_dir(L, previous_stage) / "checkpoints"
+    if not any(tag == "final" for _, tag in list_tags(prev_ckpt)):
+        raise PipelineError(f"{stage}: no final checkpoint in {prev_ckpt} (the {previous_stage} stage has not finished)")
+    run = stage_dir(L, stage)
+    start = prev_ckpt / "final"
+    if previous_stage == "pretrain":  # the first SFT stage: rows for the chat tokens
+        base_vocab = chat.vocab_size - len(chat.ids)
+        start = resize_checkpoint(prev_ckpt, "final", run / "init", chat.vocab_size, base_vocab, sorted(chat.ids.values()))
+    common, per_stage = split_overrides(pipe.opts.overrides)
+    raw = read_config_file(pipe.config_path)
+    raw.pop("val_data", None)
+    raw.update({"stage": stage, "train_data": str(data), "tokenizer_path": str(chat.directory),
+                "checkpoint_dir": str(run / "checkpoints"), "tensorboard_dir": str(run / "tensorboard"), INIT_KEY: str(start)})
+    raw.setdefault("model", {})["vocab_size"] = max(chat.vocab_size, int(raw.get("model", {}).get("vocab_size", 0)))
+    cfg = validate_config(raw, str(pipe.config_path), common + per_stage[stage])
+    dump_config(cfg, run / "training.yaml")
+    code = launch_training(run / "training.yaml", pipe.opts.nproc, pipe.console)
+    if code != 0:
+        raise TrainingExit(code)
+    return training_summary(cfg)

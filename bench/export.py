@@ -69,7 +69,9 @@ def write_checkpoint(config_path: str, base: Path) -> int:
     entries = {name: LazyTensor(list(p.shape), torch.float32, lambda s=tuple(p.shape): torch.randn(s) * 0.02)
                for name, p in model.state_dict().items() if not (tied and name == "lm_head.weight")}
     write_safetensors(f"{base}.safetensors", entries, {"format": "podtrain-checkpoint-1", "step": "0"})
-    Path(f"{base}.config.json").write_text(json.dumps(cfg.to_plain()))
+    plain = cfg.to_plain()
+    plain.pop("tokenizer_path", None)  # a pod path: the bench measures the weights, not the tokenizer
+    Path(f"{base}.config.json").write_text(json.dumps(plain))
     return sum(e.nbytes for e in entries.values())
 
 

@@ -51,3 +51,11 @@ def test_a_vocabulary_that_does_not_fit_names_the_tensor(byte_corpus, tmp_path, 
 def test_a_missing_checkpoint_is_one_line(byte_corpus, tmp_path) -> None:
     with pytest.raises(InitError, match=r"^init_from .*/nowhere/best: no such checkpoint or folder$"):
         train(validate_config(finetune_config(byte_corpus, tmp_path, str(tmp_path / "nowhere" / "best"))))
+
+
+def test_init_from_resume_is_resume_auto(byte_corpus, tmp_path, pretrained) -> None:
+    import shutil
+
+    shutil.copytree(pretrained[0], tmp_path / "ckpt")
+    result = train(validate_config(tiny_config(byte_corpus, tmp_path, init_from="resume", num_steps=22)))
+    assert sorted(result.losses) == [21, 22]

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from conftest import stdlib_documents
 from orchestrator.pipeline import Pipeline, PipelineOptions
 from orchestrator.sft_cli import app as sft_app
-from training.sample import load_model
+from training.inference import load_checkpoint
 from training.sft.chat import reply
 from training.sft.template import ChatTokenizer
 
@@ -35,7 +35,7 @@ def reverse_task(seed: int = 0) -> tuple[list[dict], list[str]]:
 
 
 def accuracy(checkpoint_dir: Path, chat: ChatTokenizer, prompts: list[str]) -> float:
-    model = load_model(checkpoint_dir)
+    model = load_checkpoint(str(checkpoint_dir)).model
     right = sum(reply(model, chat, [{"role": "user", "content": f"reverse: {p}"}], max_new_tokens=12).strip()
                 == " ".join(reversed(p.split())) for p in prompts)
     return right / len(prompts)

@@ -29,6 +29,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/tokenize.py
 	$(BIN)/python bench/memory_plan.py
 	$(BIN)/python bench/sample.py
+	$(BIN)/python bench/data.py
+	$(BIN)/python bench/sft.py
 
 # On a CUDA machine: tests/gpu, runpod_1b and runpod_2b for 30 steps, one save and resume (< 8 min on
 # one H100/H200). It needs a CUDA build of torch, which .venv (CPU torch) does not have: run it with

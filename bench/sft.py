@@ -138,7 +138,7 @@ def main() -> None:
                       f"{r['ms_per_step']:.1f}", f"{r['speedup_vs_padded']:.2f}x")
     Console().print(table)
     device_name = torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else platform.processor() or platform.machine()
-    result = {"device": device_name, "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
+    result = {"device": device_name, "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items() if k != "out"},
               "baseline": BASELINE, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -46,6 +46,7 @@ def pipeline(
     mode: str = typer.Option("local", "--mode", help="cloud (/workspace, HF caches enforced) or local (./workspace)"),
     inputs: Optional[List[str]] = typer.Option(None, "--input", help="text/jsonl/parquet files or globs, or hf:OWNER/DATASET[/CONFIG]; several after one --input, or the flag repeated"),
     data: Optional[str] = typer.Option(None, "--data", help="a data recipe (docs/data.md): mixed sources, dedup and filters"),
+    dataset_limit: Optional[str] = typer.Option(None, "--dataset-limit", help="with --data: name=N,... documents per source (seed 004), over the recipe's limits"),
     experiment: Optional[str] = typer.Option(None, "--experiment", envvar="RUN_EXPERIMENT", help="names every per-run folder"),
     train_shard_lines: int = typer.Option(250_000, "--train-shard-lines", envvar="SHARD_LINES", help="documents per text shard"),
     validation: Optional[List[str]] = typer.Option(None, "--validation", help="a separate validation corpus (else a split by --val-ratio); several paths as for --input"),
@@ -85,7 +86,7 @@ def pipeline(
                            train_shard_lines=train_shard_lines, shard=shard, tokenizer_json=tokenizer_json, config=config,
                            workspace=workspace, stop_after=stop_after, overrides=list(overrides or []), val_ratio=val_ratio,
                            take=take, gzip=gzip, text_field=text_field, tokenizer_sample_bytes=int(tokenizer_sample_gb * 1e9),
-                           nproc=nproc_per_node, data=data, stages=stage_list)
+                           nproc=nproc_per_node, data=data, dataset_limit=dataset_limit, stages=stage_list)
     try:
         pipe = Pipeline(opts, console)
         console.print(f"orchestrate: mode {mode}, experiment {pipe.layout.experiment}, workspace {pipe.layout.root}, "

@@ -64,6 +64,7 @@ class PipelineOptions:
     tokenizer_sample_bytes: int = 2_000_000_000
     nproc: int | None = None  # training processes; None: one per visible GPU (torch.cuda.device_count())
     data: str | None = None  # a data recipe file (--data): replaces --input
+    dataset_limit: str | None = None  # --dataset-limit name=N,...: documents per recipe source
     stages: list[str] = field(default_factory=lambda: ["pretrain"])  # --stages: pretrain and/or the SFT stages
 
     def config_path(self) -> Path:
@@ -108,7 +109,7 @@ def _shard_options(opts: PipelineOptions, layout: Layout, items: list[str], mode
                   gzip=opts.gzip, text_field=opts.text_field, experiment=layout.experiment, workspace=layout.root,
                   overwrite=overwrite)
     if opts.data is not None:
-        return ShardOptions(data=opts.data, **{**common, "text_field": "text"})
+        return ShardOptions(data=opts.data, dataset_limit=opts.dataset_limit, **{**common, "text_field": "text"})
     if hub:
         dataset, name = _hf_spec(hub[0])
         return ShardOptions(dataset=dataset, name=name, source_label=f"--input {hub[0]}", **common)
@@ -161,13 +162,15 @@ def check_token_dirs(cfg: TrainConfig) -> None:
 def _load_recipe(opts: PipelineOptions) -> Any:
     """The --data recipe, checked before any stage (None without --data)."""
     if opts.data is None:
+        if opts.dataset_limit is not None:
+            raise PipelineError("--dataset-limit: budgets recipe sources by name; give the recipe with --data")
         return None
     if opts.inputs or opts.validation:
         raise PipelineError("--data and --input/--validation are exclusive: a recipe names its own sources")
     from sharder.recipe import load_recipe
 
     try:
-        return load_recipe(opts.data)
+        return load_recipe(opts.data, opts.dataset_limit)
     except ShardError as exc:
         raise PipelineError(str(exc)) from None
 

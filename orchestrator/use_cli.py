@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sharder.recipe import parse_dataset_limits
 from training.atomic import atomic_write_json
 
 EXIT_USAGE = 2
@@ -36,17 +37,6 @@ def _fail(command: str, message: str) -> None:
 
 def _console() -> Console:
     return Console(highlight=False, soft_wrap=True)
-
-
-def parse_limits(text: str) -> dict[str, int]:
-    """``fineweb=50,wikipedia=50`` -> {"fineweb": 50, "wikipedia": 50} (seed 004's --dataset-limit)."""
-    limits: dict[str, int] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, sep, value = item.partition("=")
-        if not sep or not name or not value.strip().isdigit() or int(value) < 1:
-            raise ValueError(f"--dataset-limit {text!r}: expected name=N,... with N >= 1 (got {item!r})")
-        limits[name.strip()] = int(value)
-    return limits
 
 
 def _recipe_sources(recipe: str | None, val_data: str | list[str] | None) -> tuple[list, int]:
@@ -147,7 +137,7 @@ def evaluate_cmd(
 
     console = _console()
     try:
-        limits = parse_limits(dataset_limit) if dataset_limit else {}
+        limits = parse_dataset_limits(dataset_limit) if dataset_limit else {}
         dev = resolve_device(device)
         ck = load_checkpoint(checkpoint, dev)
         cfg = ck.config

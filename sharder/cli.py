@@ -39,6 +39,7 @@ def shard(
     source_split: Annotated[str, typer.Option(help="Split of the source dataset to read.")] = "train",
     text_field: Annotated[str, typer.Option(help="Column holding the document text.")] = "text",
     data: Annotated[Optional[Path], typer.Option("--data", help="A data recipe (YAML/JSON, docs/data.md): named and custom sources mixed into one stream.")] = None,
+    dataset_limit: Annotated[Optional[str], typer.Option("--dataset-limit", help="With --data: name=N,... documents per source (seed 004), over the recipe's limits.")] = None,
     input: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="Local .parquet/.jsonl[.gz]/.json[.gz]/.txt[.gz] files, globs or directories: several after one --input, or the flag repeated.")] = None,
     output_dir: Annotated[Optional[Path], typer.Option(help="Output directory (split mode: its train/ and val/) [default: <workspace>/datasets/<split>/<experiment>].")] = None,
     experiment: Annotated[str, typer.Option(help="Experiment name in the default output directories.")] = "default",
@@ -57,7 +58,7 @@ def shard(
             mode=mode.value, split=split, lines_per_shard=lines_per_shard, take=take, val_ratio=val_ratio,
             gzip=gzip, dataset=dataset, name=name, text_field=text_field, input=input, output_dir=output_dir,
             experiment=experiment, min_text_length=min_text_length, workspace=workspace, overwrite=overwrite,
-            seed=seed, source_split=source_split, data=data,
+            seed=seed, source_split=source_split, data=data, dataset_limit=dataset_limit,
         )
         run_shard(options, console=console)
     except ShardError as exc:

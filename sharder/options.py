@@ -47,6 +47,7 @@ class ShardOptions:
     source_split: str = "train"
     source_label: str | None = None  # names a hub source in errors as the caller's flag (orchestrate: --input hf:...)
     data: str | Path | None = None  # a recipe file (--data): mixed sources instead of --input/--dataset
+    dataset_limit: str | None = None  # --dataset-limit name=N,...: documents per recipe source, over the file's limits
     recipe: Any = field(default=None, init=False)  # the validated Recipe of ``data``
 
     def __post_init__(self) -> None:
@@ -76,7 +77,9 @@ class ShardOptions:
                 raise ShardError("--data and --input/--dataset/--name are exclusive: a recipe names its own sources")
             if self.text_field != "text":
                 raise ShardError("--text-field: not used with --data (each recipe source names its own text_field)")
-            self.recipe = load_recipe(self.data)  # checked whole, before any work
+            self.recipe = load_recipe(self.data, self.dataset_limit)  # checked whole, before any work
+        elif self.dataset_limit is not None:
+            raise ShardError("--dataset-limit: budgets recipe sources by name; give the recipe with --data")
         elif self.input is not None:
             if not self.input:
                 raise ShardError("--input: no file given")

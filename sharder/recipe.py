@@ -378,8 +378,25 @@ def recipe_from_mapping(data: dict[str, Any], where: str, base: Path) -> Recipe:
     )
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read a recipe file: its ``data:`` section (a preset or training config) or the whole file."""
+def parse_dataset_limits(text: str) -> dict[str, int]:
+    """``fineweb=350,wikipedia=350`` -> {"fineweb": 350, "wikipedia": 350}: seed 004's ``--dataset-limit``
+    (documents per source); a malformed item is a ValueError naming it."""
+    limits: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"--dataset-limit {text!r}: expected name=N,... with N >= 1 (got {item!r})")
+        limits[name.strip()] = int(value)
+    if not limits:
+        raise ValueError(f"--dataset-limit {text!r}: expected name=N,... with N >= 1")
+    return limits
+
+
+def load_recipe(path: str | Path, dataset_limit: str | None = None) -> Recipe:
+    """Read a recipe file: its ``data:`` section (a preset or training config) or the whole file.
+
+    ``dataset_limit`` (``name=N,...``, the command line's ``--dataset-limit``) sets those sources'
+    budgets to N documents over what the file says, so one recipe serves a smoke run and a full one."""
     path = Path(path)
     try:
         raw = read_config_file(path)
@@ -388,4 +405,10 @@ def load_recipe(path: str | Path) -> Recipe:
     data = raw.get("data", raw) if isinstance(raw.get("data"), dict) else raw
     if "data" in raw and not isinstance(raw["data"], dict):
         raise ShardError(f"{path}: data: must be a mapping (sources, mix_strategy, ...)")
+    if dataset_limit is not None:
+        try:
+            limits = parse_dataset_limits(dataset_limit)
+        except ValueError as exc:
+            raise ShardError(str(exc)) from None
+        data = {**data, "limits": {**(data.get("limits") or {}), **limits}}
     return recipe_from_mapping(data, str(path), path.resolve().parent)

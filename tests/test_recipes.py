@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,6 +84,22 @@ def test_round_robin_alternates_and_sequential_respects_budgets(tmp_path):
         "sources": sources, "mix_strategy": "sequential", "limits": {"a": 4, "b": 2},
     }), tmp_path / "seq")
     assert sequential == ["a document 0", "a document 1", "a document 2", "a document 3", "b document 0", "b document 1"]
+
+
+def test_dataset_limit_flag_sets_document_budgets_over_the_recipe(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", texts("a", 5))
+    write_jsonl(tmp_path / "b.jsonl", texts("b", 3))
+    recipe = write_recipe(tmp_path / "r.yaml", {"mix_strategy": "sequential", "limits": {"a": 4}, "sources": [
+        {"type": "files", "path": "a.jsonl", "name": "a"}, {"type": "files", "path": "b.jsonl", "name": "b"}]})
+    assert shard(recipe, tmp_path / "out", dataset_limit="a=2,b=1") == ["a document 0", "a document 1", "b document 0"]
+    assert load_recipe(recipe, "a=2").fingerprint() != load_recipe(recipe).fingerprint()  # a new budget reshards
+    for flag, message in (("a=0", "--dataset-limit 'a=0': expected name=N,... with N >= 1 (got 'a=0')"),
+                          ("c=3", "data.limits.c: no such source")):
+        with pytest.raises(ShardError, match=re.escape(message)):
+            ShardOptions(data=recipe, output_dir=tmp_path / "bad", dataset_limit=flag)
+    with pytest.raises(ShardError, match="--dataset-limit: budgets recipe sources by name; give the recipe with --data"):
+        ShardOptions(input=[str(tmp_path / "a.jsonl")], dataset_limit="a=2")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_qa_fields_are_formatted_exactly_and_min_text_length_applies_per_source(tmp_path):

@@ -375,7 +375,9 @@ def check_export(out_dir: Path, model: torch.nn.Module, ids: list[int]) -> tuple
     """Load ``out_dir`` with ``transformers`` (model and tokenizer when present) and compare its logits on
     ``ids`` with podtrain's ``model``: (HF class name, max abs difference), both in float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a one-line check: no "Loading weights" bar in the middle of a summary
     hf = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).eval()
     if (out_dir / "tokenizer_config.json").is_file():
         AutoTokenizer.from_pretrained(str(out_dir))

@@ -1,4 +1,4 @@
-"""``orchestrate``: the whole pipeline in one command, plus ``orchestrate pod ...`` and ``orchestrate tokenizer ...``.
+"""``orchestrate``: the whole pipeline in one command, plus the sub-commands below (pods, tokenizer, evaluate, sample, export, sft).
 
     orchestrate --mode cloud|local --input PATH... --experiment NAME --train-shard-lines N
                 [--validation PATH...] [--reuse-shards] [--tokenizer-json PATH] [--config CONFIG]
@@ -69,7 +69,8 @@ def pipeline(
     """The whole pipeline: layout -> shard -> tokenizer -> emit -> train, each stage skipped when done.
 
     RUN_SHARD=0 reuses the shards already in the workspace (as --reuse-shards), RUN_SHARD=1 shards
-    --input. Also: `orchestrate pod --help` (RunPod pods), `orchestrate tokenizer --help`.
+    --input. Also: `orchestrate pod|volume --help` (RunPod), `orchestrate tokenizer --help`,
+    `orchestrate evaluate|sample|export --help` (docs/evaluate.md), `orchestrate sft --help` (docs/finetune.md).
     """
     if mode not in ("cloud", "local"):
         print(f"orchestrate: error: --mode {mode!r}: expected cloud or local", file=sys.stderr)

@@ -380,3 +380,17 @@ def test_perplexity_filter_scores_with_a_kenlm_model_file_when_given(tmp_path):
     assert np.allclose(every, [model.perplexity(t) for t in curated(source)])
     with pytest.raises(Exception, match=r"data.curate.perplexity.kenlm_model .*nowhere.arpa: no such file"):
         run_curate(source, tmp_path / "bad", CurateConfig(perplexity={**ppl, "kenlm_model": str(tmp_path / "nowhere.arpa")}))
+
+
+@pytest.mark.slow
+def test_ray_run_through_datatrove_matches_the_local_executor_byte_for_byte(tmp_path):
+    """datatrove's Ray executor on a local Ray instance (started by the executor): same shards as local."""
+    pytest.importorskip("ray", reason="the ray extra (pip install 'podtrain[ray]') is not installed")
+    docs = planted_corpus(distinct=60, near=20, exact=10)
+    source = shard_dir(tmp_path, [t for _, t in docs], lines_per_shard=30)
+    config = CurateConfig(dedup={**TUNED, "buckets": 4}, quality={"gopher_repetition": {}}, tasks=2, executor="ray")
+    run_curate(source, tmp_path / "ray", config, Console(file=io.StringIO()))
+    run_curate(source, tmp_path / "local", config.model_copy(update={"executor": "local"}), Console(file=io.StringIO()))
+    digest = {d: [(s.name, s.sha256) for s in load_manifest(tmp_path / d).shards] for d in ("ray", "local")}
+    assert digest["ray"] == digest["local"] and digest["local"]
+    assert load_manifest(tmp_path / "local").total_lines < load_manifest(source).total_lines

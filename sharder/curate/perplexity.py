@@ -29,9 +29,11 @@ class _CheckpointScorer:
         import torch
         from tokenizers import Tokenizer
 
+        from training.evaluate import perplexity
         from training.inference import load_checkpoint
 
         self.torch = torch
+        self.perplexity = perplexity  # exp(loss), inf past float range (imported here: torch only when scoring)
         self.model = load_checkpoint(str(Path(checkpoint) / tag)).model
         self.tokenizer = Tokenizer.from_file(tokenizer)
         self.max_tokens = min(max_tokens, self.model.cfg.max_seq_len + 1)
@@ -44,7 +46,7 @@ class _CheckpointScorer:
         y = self.torch.tensor([ids[1:]])
         with self.torch.no_grad():
             _, loss = self.model(x, y)
-        return float(math.exp(loss.item()))
+        return self.perplexity(loss.item())
 
 
 class _KenlmScorer:

@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench gpu-check clean venv
+.PHONY: demo test bench gpu-wheels gpu-check clean venv
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,12 +32,16 @@ bench: $(STAMP)
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/sft.py
 
-# On a CUDA machine: tests/gpu, runpod_1b and runpod_2b for 30 steps, one save and resume (< 8 min on
-# one H100/H200). It needs a CUDA build of torch, which .venv (CPU torch) does not have: run it with
-# the GPU machine's Python, where `pip install -e '.[dev,cuda]'` installed the project.
+# On a CUDA machine, offline: tests/gpu, runpod_1b and runpod_2b under none/DDP/FSDP2, packed attention,
+# one save and resume (< 8 min on one H100/H200), every figure in $OUT/gpu_check.json. It needs a CUDA
+# build of torch, which .venv (CPU torch) does not have: it runs with the GPU machine's python3 and
+# installs the wheels `make gpu-wheels` fetched (.gpu-wheels/) where a registry was reachable.
 GPU_PY ?= python3
+gpu-wheels:
+	bash bench/gpu_wheels.sh
+
 gpu-check:
-	$(GPU_PY) bench/gpu_check.py
+	PYTHON=$(GPU_PY) bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) workspace

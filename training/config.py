@@ -181,6 +181,7 @@ class TrainConfig(_Strict):
     init_from: str = Field("scratch", min_length=1, description="scratch | resume | a podtrain checkpoint (weights only, "
                            "fresh optimizer) | a Hugging Face folder or hub id (Llama, GPT-2); see training/init.py")
     always_save_checkpoint: bool = Field(True, description="False: periodic checkpoints only when val loss improved")
+    save_final: bool = Field(True, description="False: the last step is not written as `final` (benchmarks, bench/gpu_check.py)")
     use_wandb: bool = False
     wandb_project: str = "light-llm"
     wandb_run_name: str | None = None

@@ -304,7 +304,8 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                     best_val = val
                     due.append("best")
             if step == cfg.num_steps:
-                save(["final", *due], block=True)
+                if tags := (["final", *due] if cfg.save_final else due):
+                    save(tags, block=True)
                 if cfg.active_expert is not None:
                     moe.finish_expert_run(net, cfg, dist, log.info)
             elif due:

@@ -37,9 +37,12 @@ def test_fsdp_accumulation_gradients_and_ddp_buckets_are_planned() -> None:
     cfg = _preset("runpod_4b")
     n = count_parameters(build_meta_model(cfg.model))
     fsdp = plan(cfg, 8, "fsdp")
-    assert fsdp.terms["fsdp_accumulation_grads"] == 4 * n  # unsharded float32, on every rank
+    assert "fsdp_accumulation_grads" not in fsdp.terms  # reduce-scattered every micro-step: only sharded gradients
+    no_sync = plan(_preset("runpod_4b", "distributed.fsdp_no_sync=true"), 8, "fsdp")
+    assert no_sync.terms["fsdp_accumulation_grads"] == 4 * n  # unsharded float32, on every rank
     assert fsdp.terms["parameters"] == 4 * n // 8
-    assert "fsdp_accumulation_grads" not in plan(_preset("runpod_4b", "gradient_accumulation_steps=1"), 8, "fsdp").terms
+    assert "fsdp_accumulation_grads" not in plan(_preset("runpod_4b", "gradient_accumulation_steps=1",
+                                                         "distributed.fsdp_no_sync=true"), 8, "fsdp").terms
     ddp = plan(cfg, 8, "ddp", activation_checkpointing=True)
     assert "ddp_buckets" not in ddp.terms and ddp.terms["gradients"] == 4 * n  # gradient_as_bucket_view: grads are the buckets
     assert plan(cfg, 8, "ddp", activation_checkpointing=True, bucket_view=False).terms["ddp_buckets"] == 4 * n

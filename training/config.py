@@ -144,6 +144,10 @@ class DistributedConfig(_Strict):
     timeout_s: int = Field(600, ge=10, description="Collective timeout: a dead rank fails the group, never hangs it")
     save_timeout_s: int = Field(4 * 3600, ge=10, description="How long ranks wait for rank 0 to write a checkpoint (host group)")
     reshard_after_forward: bool = True
+    fsdp_no_sync: bool = Field(False, description=(
+        "FSDP2 with gradient accumulation: True keeps every parameter's unsharded float32 gradient across micro-steps and "
+        "reduce-scatters once per step (less traffic, 4 bytes per parameter more on every GPU); False, torchtitan's way, "
+        "reduce-scatters after every micro-step into the sharded gradients"))
 
 
 class SFTConfig(_Strict):

@@ -67,6 +67,7 @@ class Dist:
     strategy: str  # none | ddp | fsdp
     device: torch.device
     reshard_after_forward: bool = True
+    fsdp_no_sync: bool = False  # distributed.fsdp_no_sync: skip FSDP's reduce-scatter on all but the last micro-step
     control: Any = None  # gloo group on host tensors: flags and waits that must not touch the GPU or its timeout
 
     @property
@@ -100,8 +101,12 @@ class Dist:
 
     @contextlib.contextmanager
     def grad_sync(self, model: nn.Module, enabled: bool) -> Iterator[None]:
-        """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
-        if enabled or self.strategy == "none":
+        """Around a micro-step's forward *and* backward (the hooks that reduce run inside backward): with
+        ``enabled`` False, DDP skips its all-reduce (``no_sync``: its gradients are whole anyway) and,
+        when ``fsdp_no_sync``, FSDP2 skips its reduce-scatter and keeps the unsharded float32 gradients
+        until the last micro-step. Without ``fsdp_no_sync`` FSDP2 reduce-scatters every micro-step
+        into the sharded gradients, as torchtitan does: no whole-model gradient on any rank."""
+        if enabled or self.strategy == "none" or (self.strategy == "fsdp" and not self.fsdp_no_sync):
             yield
         elif self.strategy == "ddp":
             with model.no_sync():  # type: ignore[operator]
@@ -113,12 +118,14 @@ class Dist:
             finally:
                 model.set_requires_gradient_sync(True)  # type: ignore[operator]
 
-    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             value = value.clone()
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
-            value /= self.world_size
         return value
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        return self.all_reduce_sum(value) / self.world_size if self.world_size > 1 else value
 
     def any_flag(self, *flags: bool) -> list[bool]:
         """Agree on flags across ranks (true anywhere = true everywhere): stop, save-now.
@@ -249,4 +256,4 @@ def setup(cfg: DistributedConfig, device_spec: str) -> Dist:
     control = None
     if world > 1:
         control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.save_timeout_s))
-    return Dist(rank, local_rank, world, strategy, device, cfg.reshard_after_forward, control)
+    return Dist(rank, local_rank, world, strategy, device, cfg.reshard_after_forward, cfg.fsdp_no_sync, control)

@@ -10,10 +10,11 @@ What is counted, per rank:
 - model state: float32 master weights, gradients and the two AdamW moments (16 bytes/parameter),
   whole under DDP (whose gradients *are* its buckets: ``gradient_as_bucket_view=True``; without
   it the buckets are a second float32 copy) and divided by the ranks under FSDP2;
-- FSDP's accumulation gradients: with ``set_requires_gradient_sync(False)`` on every micro-step
-  but the last, FSDP2 keeps each parameter's *unsharded* gradient, upcast to the float32 reduce
-  dtype, on every rank until the last micro-step reduce-scatters it: 4 bytes per parameter of the
-  whole model, however many ranks;
+- FSDP's accumulation gradients, only with ``distributed.fsdp_no_sync`` (off by default): with
+  ``set_requires_gradient_sync(False)`` around every micro-step but the last, FSDP2 keeps each
+  parameter's *unsharded* gradient, upcast to the float32 reduce dtype, on every rank until the last
+  micro-step reduce-scatters it: 4 bytes per parameter of the whole model, however many ranks
+  (tests/test_accumulation.py spies on FSDP to show when it reduces);
 - bf16 weight copies: autocast's cast of every weight a matmul uses (DDP and one GPU), or the
   parameters FSDP all-gathers (the root's embedding all step, two blocks at a time: the one
   computing and the one prefetched) plus one block's unsharded gradients in bf16 and float32;
@@ -217,7 +218,7 @@ def plan(cfg: TrainConfig, world: int = 1, strategy: str | None = None, *, activ
     terms = {"parameters": 4 * n // shard, "gradients": 4 * n // shard, "adamw": 8 * n // shard}
     if strategy == "ddp" and not bucket_view:
         terms["ddp_buckets"] = 4 * n
-    if fsdp and cfg.gradient_accumulation_steps > 1:
+    if fsdp and cfg.gradient_accumulation_steps > 1 and cfg.distributed.fsdp_no_sync:
         terms["fsdp_accumulation_grads"] = 4 * n
     block_params = sum(p.numel() for p in model.layers[0].parameters())
     root_params = n - mc.num_layers * block_params

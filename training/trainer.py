@@ -34,6 +34,7 @@ from training.config import TrainConfig
 from training.data import BatchLoader, Prefetcher, TokenStream, iter_eval_batches, resolve_shards
 from training.distributed import Dist, setup
 from training.evaluate import mean_loss, perplexity
+from training.loss import IGNORE_INDEX
 from training.metrics import RunLog, compile_report, device_peak_flops, mfu, system_telemetry, trim_metrics
 from training.model import build_meta_model, count_parameters, flops_per_token
 from training import moe
@@ -63,28 +64,48 @@ class TrainResult:
 def train_step(model: torch.nn.Module, batches: Prefetcher, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                precision: Precision, dist: Dist, accum: int, grad_clip: float,
                agreement: MicroStepAgreement) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One optimizer step over ``accum`` micro-batches; returns (mean loss, grad norm), unsynchronised,
-    or None when a stop signal cut the step short (its gradients are then partial: drop them).
+    """One optimizer step over ``accum`` micro-batches; returns (loss, grad norm), unsynchronised, or
+    None when a stop signal cut the step short (its gradients are then partial: drop them).
 
-    The caller decides whether the step is applied (a non-finite loss or norm skips it).
+    The loss is per token: the sum of the token losses of every micro-batch on every rank over their
+    global count of valid (not ``-100``) targets, so a micro-batch or rank with fewer valid targets
+    (masked or packed fine-tuning) weighs less, not the same (the accumulation bug transformers fixed
+    in 2024). The counts are summed in one all-reduce before the first backward; each micro-batch's
+    mean loss is scaled by its share of the tokens, times the world size because DDP and FSDP average
+    gradients over ranks. Every backward runs inside ``grad_sync`` (``Dist.grad_sync``), where the
+    gradient reduction happens. The caller decides whether the step is applied (a non-finite loss or
+    norm skips it: also when no target at all is valid).
     """
     device = dist.device
-    total = torch.zeros((), device=device)
-    for micro in range(accum):
+    micro_batches = [_batch(batches.next_batch(), device) for _ in range(accum)]
+    counts = torch.stack([(y != IGNORE_INDEX).sum() for _, y, _ in micro_batches]).float()
+    total_count = dist.all_reduce_sum(counts.sum())
+    scale = dist.world_size / total_count.clamp_min(1)
+    loss_sum = torch.zeros((), device=device)
+    for micro, (x, y, doc_ids) in enumerate(micro_batches):
         if micro and agreement.should_abandon():
             return None
-        x, y, doc_ids = _batch(batches.next_batch(), device)
-        with dist.grad_sync(model, enabled=micro == accum - 1), precision.autocast():
-            _, loss = model(x, y) if doc_ids is None else model(x, y, doc_ids=doc_ids)
-            loss = loss / accum
-        scaler.scale(loss).backward()
-        total += loss.detach()
+        y = _finite_targets(y, counts[micro])
+        with dist.grad_sync(model, enabled=micro == accum - 1):
+            with precision.autocast():
+                _, loss = model(x, y) if doc_ids is None else model(x, y, doc_ids=doc_ids)
+            scaler.scale(loss * (counts[micro] * scale)).backward()
+        loss_sum += loss.detach() * counts[micro]
     agreement.finish_step()
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
         norm = norm.full_tensor()
-    return dist.all_reduce_mean(total), norm
+    return dist.all_reduce_sum(loss_sum) / total_count, norm
+
+
+def _finite_targets(y: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``y``, or, when every target is ignored, ``y`` with one stand-in target: the micro-batch still runs
+    forward and backward (every rank's reduction hooks must fire) with a finite mean loss and weight 0,
+    decided on the device (no host synchronisation)."""
+    flat = y.reshape(-1).clone()
+    flat[0] = torch.where(count > 0, flat[0], torch.zeros_like(flat[0]))
+    return flat.view_as(y)
 
 
 def _batch(batch: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -196,6 +196,9 @@ class TrainConfig(_Strict):
         "inductor", description="torch.compile backend; aot_eager/eager capture the same graphs without code generation (debugging)")
     device: str = "auto"
     activation_checkpointing: bool = False
+    auto_micro_batch: bool = Field(False, description="Keep batch_size x gradient_accumulation_steps sequences per rank per step "
+                                   "and pick the largest micro-batch whose memory plan fits memory_budget_gb (training/memory_plan.py)")
+    memory_budget_gb: float | None = Field(None, gt=0, description="GB per GPU for auto_micro_batch; default 80% of the GPU's memory")
     ac_every: int = Field(1, ge=1, description="With activation_checkpointing: checkpoint blocks 0, N, 2N, ... "
                           "(1 = every block; 2 = every other one: half the recompute, about twice the activations)")
     tensorboard_dir: str | None = None

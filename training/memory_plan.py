@@ -55,24 +55,36 @@ Mode = Literal["autocast", "bf16", "fp32"]
 _LOW = torch.bfloat16
 
 
-class _FlashLike(torch.autograd.Function):
-    """What flash/memory-efficient/cuDNN attention saves: inputs, output, float32 logsumexp."""
+def _flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Stands in for ``F.scaled_dot_product_attention`` (looked up there by the model at each call): the
+    flash kernel's own op, whose meta kernel and derivative make autograd save what CUDA's flash
+    attention saves (q, k, v, the output, a float32 logsumexp, the RNG state), never a T x T matrix
+    (the meta device would otherwise take SDPA's math path). Under GQA, k and v are expanded first."""
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
+
+
+class _FusedRMSNorm(torch.autograd.Function):
+    """What CUDA's fused ``rms_norm`` (``aten._fused_rms_norm``, which ``nn.RMSNorm`` reaches through
+    ``F.rms_norm`` on a GPU) saves for backward: its input, its weight and a float32 rstd per row.
+    On the meta device and the CPU ``rms_norm`` is composite and saves two more float32 copies of
+    the input (0.4 of runpod_4b's 1.36 GB per block); tests/gpu checks the CUDA side."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
-        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
-        return out
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight, x.new_empty((*x.shape[:-1], 1), dtype=torch.float32))
+        return torch.empty_like(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        q, k, v, _, _ = ctx.saved_tensors
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        x, weight, _ = ctx.saved_tensors
+        return torch.zeros_like(x), None if weight is None else torch.zeros_like(weight), None
 
 
-def _flash_like_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """Stands in for ``F.scaled_dot_product_attention`` (looked up there by the model at each call)."""
-    return _FlashLike.apply(q, k, v)
+def _fused_rms_norm(x, normalized_shape, weight=None, eps=None):
+    """Stands in for ``F.rms_norm`` (looked up there by ``nn.RMSNorm`` at each call)."""
+    return _FusedRMSNorm.apply(x, weight, eps)
 
 
 class _AutocastOnMeta(TorchFunctionMode):
@@ -104,8 +116,9 @@ class _AutocastOnMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _saved_bytes(module: torch.nn.Module, inputs: tuple, mode: Mode, exclude: set[int]) -> tuple[int, int]:
-    """(bytes autograd saves in one forward of ``module``, bytes of autocast's weight casts)."""
+def _saved_bytes(module: torch.nn.Module, inputs: tuple, mode: Mode, exclude: set[int], fused_norm: bool = True) -> tuple[int, int]:
+    """(bytes autograd saves in one forward of ``module``, bytes of autocast's weight casts); with
+    ``fused_norm`` RMSNorm saves what CUDA's fused kernel saves, else what the composite one does."""
     seen: dict[int, torch.Tensor] = {}
     autocast = _AutocastOnMeta() if mode == "autocast" else None
 
@@ -116,7 +129,9 @@ def _saved_bytes(module: torch.nn.Module, inputs: tuple, mode: Mode, exclude: se
         return t
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(F, "scaled_dot_product_attention", _flash_like_sdpa))
+        stack.enter_context(mock.patch.object(F, "scaled_dot_product_attention", _flash_sdpa))
+        if fused_norm:
+            stack.enter_context(mock.patch.object(F, "rms_norm", _fused_rms_norm))
         if autocast is not None:  # the loss asks autocast for its matmul dtype
             stack.enter_context(mock.patch.object(loss_module, "compute_dtype", lambda h, w: _LOW))
             stack.enter_context(autocast)
@@ -138,7 +153,7 @@ class ActivationProfile:
 
 
 @functools.lru_cache(maxsize=32)
-def _profile(model_json: str, batch: int, seq_len: int, mode: Mode) -> ActivationProfile:
+def _profile(model_json: str, batch: int, seq_len: int, mode: Mode, fused_norm: bool = True) -> ActivationProfile:
     mcfg = ModelConfig.model_validate_json(model_json)
     model = build_meta_model(mcfg)
     if mode == "bf16":
@@ -146,17 +161,18 @@ def _profile(model_json: str, batch: int, seq_len: int, mode: Mode) -> Activatio
     model.train()
     exclude = {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}
     idx = torch.zeros((batch, seq_len), dtype=torch.long, device="meta")
-    total, casts = _saved_bytes(model, (idx, idx), mode, exclude)
+    total, casts = _saved_bytes(model, (idx, idx), mode, exclude, fused_norm)
     residual = _LOW if mode == "bf16" else torch.float32  # autocast keeps the residual stream in float32
     x = torch.empty((batch, seq_len, mcfg.d_model), dtype=residual, device="meta", requires_grad=True)
     rope = (model.rope_cos[:seq_len], model.rope_sin[:seq_len]) if mcfg.positional.type == "rope" else None
-    block, _ = _saved_bytes(model.layers[0], (x, rope), mode, exclude)
+    block, _ = _saved_bytes(model.layers[0], (x, rope), mode, exclude, fused_norm)
     return ActivationProfile(block, x.numel() * x.element_size(), total - mcfg.num_layers * block, casts)
 
 
-def activation_profile(cfg: TrainConfig, mode: Mode) -> ActivationProfile:
-    """Measured on the meta device (cached: the 4B model's forward takes a second or two)."""
-    return _profile(cfg.model.model_dump_json(), cfg.batch_size, cfg.seq_len, mode)
+def activation_profile(cfg: TrainConfig, mode: Mode, fused_norm: bool = True) -> ActivationProfile:
+    """Measured on the meta device (cached: the 4B model's forward takes a second or two); ``fused_norm``
+    False counts RMSNorm as the CPU's composite implementation saves it."""
+    return _profile(cfg.model.model_dump_json(), cfg.batch_size, cfg.seq_len, mode, fused_norm)
 
 
 def checkpointed_blocks(num_layers: int, every: int) -> int:
@@ -240,8 +256,43 @@ def plan(cfg: TrainConfig, world: int = 1, strategy: str | None = None, *, activ
 
 
 def format_plan(p: MemoryPlan) -> str:
-    """One line for a log: total and the largest terms."""
-    gb = {k: v / 1e9 for k, v in {**p.terms, **p.transients}.items()}
-    parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(gb.items(), key=lambda kv: -kv[1]) if v >= 0.05)
-    return f"planned peak {p.peak_bytes / 1e9:.1f} GB per GPU ({p.strategy} x{p.world}): {parts}"
+    """The plan's breakdown on one line: what is held through the step, then the transients, of which
+    only the largest counts."""
+    held = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in sorted(p.terms.items(), key=lambda kv: -kv[1]))
+    passing = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in sorted(p.transients.items(), key=lambda kv: -kv[1]))
+    return (f"planned peak {p.peak_bytes / 1e9:.1f} GB per GPU ({p.strategy} x{p.world}): held {held}; "
+            f"largest of the transients {passing}")
 
+
+BUDGET_FRACTION = 0.8  # of a GPU's memory: the rest for the CUDA context, NCCL buffers and fragmentation (64 of 80 GB)
+
+
+def memory_budget(cfg: TrainConfig, device: torch.device) -> int:
+    """Bytes per GPU a plan must fit: ``memory_budget_gb``, else 80% of this GPU's memory."""
+    if cfg.memory_budget_gb is not None:
+        return int(cfg.memory_budget_gb * 1e9)
+    if device.type != "cuda":
+        raise ValueError(f"auto_micro_batch: set memory_budget_gb (no GPU memory size to plan against on {device})")
+    return int(BUDGET_FRACTION * torch.cuda.get_device_properties(device).total_memory)
+
+
+def choose_micro_batch(cfg: TrainConfig, world: int, strategy: str, budget: int) -> tuple[TrainConfig, MemoryPlan]:
+    """``cfg`` with the largest micro-batch whose plan fits ``budget`` bytes, among the divisors of its
+    sequences per rank per step (``batch_size x gradient_accumulation_steps``, kept: the accumulation
+    takes the rest, so the optimisation is unchanged). Plans grow with the micro-batch: a binary search."""
+    per_rank = cfg.batch_size * cfg.gradient_accumulation_steps
+    sizes = [b for b in range(1, per_rank + 1) if per_rank % b == 0]
+    trial = lambda b: cfg.model_copy(update={"batch_size": b, "gradient_accumulation_steps": per_rank // b})  # noqa: E731
+    lo, hi, best = 0, len(sizes) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        p = plan(trial(sizes[mid]), world, strategy)
+        if p.peak_bytes <= budget:
+            best, lo = (sizes[mid], p), mid + 1
+        else:
+            hi = mid - 1
+    if best is None:
+        smallest = plan(trial(1), world, strategy)
+        raise ValueError(f"auto_micro_batch: even micro-batch 1 plans {smallest.peak_bytes / 1e9:.1f} GB per GPU, over the "
+                         f"{budget / 1e9:.1f} GB budget (activation_checkpointing, more ranks under fsdp, or memory_budget_gb)")
+    return trial(best[0]), best[1]

@@ -136,6 +136,22 @@ def _data(cfg: TrainConfig, dist: Dist, warn) -> tuple[Any, Callable[[], Iterato
     return loader, lambda: iter_eval_batches(val_stream, cfg.batch_size, cfg.seq_len, cfg.eval_steps, dist.rank, dist.world_size)
 
 
+def _memory_plan(cfg: TrainConfig, dist: Dist) -> tuple[TrainConfig, str | None]:
+    """With ``auto_micro_batch``, ``cfg`` with the micro-batch chosen from the memory plan (every rank
+    plans alike); on a GPU, the plan's breakdown as a log line (a run that then measures more says
+    which term was wrong)."""
+    if not cfg.auto_micro_batch and dist.device.type != "cuda":
+        return cfg, None
+    from training.memory_plan import choose_micro_batch, format_plan, memory_budget, plan
+
+    if not cfg.auto_micro_batch:
+        return cfg, format_plan(plan(cfg, dist.world_size, dist.strategy))
+    budget = memory_budget(cfg, dist.device)
+    chosen, p = choose_micro_batch(cfg, dist.world_size, dist.strategy, budget)
+    return chosen, (f"auto_micro_batch: micro-batch {chosen.batch_size} x {chosen.gradient_accumulation_steps} accumulation "
+                    f"(budget {budget / 1e9:.1f} GB) | {format_plan(p)}")
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -161,10 +177,13 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
     if cfg.init_from == init.RESUME and resume is None:
         resume = "auto"
     dist = setup(cfg.distributed, cfg.device)
+    cfg, planned = _memory_plan(cfg, dist)
     explicit_dtype = "dtype" in cfg.model_fields_set
     precision = resolve_precision(cfg.dtype, explicit_dtype, dist.device, fsdp=dist.strategy == "fsdp")
     wandb_cfg = {"project": cfg.wandb_project, "name": cfg.wandb_run_name, "config": cfg.to_plain()} if cfg.use_wandb else None
     log = RunLog(dist.is_main, cfg.resolved_tensorboard_dir, wandb_cfg, console)
+    if planned:
+        log.info(planned)
     ckpt_dir = Path(cfg.checkpoint_dir)
 
     _seed_everything(cfg.seed)

@@ -52,3 +52,20 @@ def test_bf16_peak_memory_is_within_ten_percent_of_the_plan(tmp_path) -> None:
     train(cfg)
     measured, planned = torch.cuda.max_memory_allocated(), plan(cfg).peak_bytes
     assert abs(measured - planned) <= 0.10 * planned, f"measured {measured / 1e9:.2f} GB, planned {planned / 1e9:.2f} GB"
+
+
+def test_cuda_rms_norm_saves_what_the_plan_counts() -> None:
+    """The plan counts RMSNorm as CUDA's fused kernel saves it (training/memory_plan.py): the input and
+    a float32 rstd per row, not the composite kernel's float32 copies."""
+    norm = torch.nn.RMSNorm(1024, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, 128, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    saved: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t is not norm.weight:
+            saved[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        norm(x)
+    assert sum(t.untyped_storage().nbytes() for t in saved.values()) == 2 * 128 * (1024 * 2 + 4)

@@ -79,10 +79,22 @@ def test_llama_names_and_depth_scaled_init() -> None:
     assert o_std == pytest.approx(0.02 / (2 * 8) ** 0.5, rel=0.05)
 
 
-def test_flops_per_token_is_6n_plus_attention() -> None:
+def test_flops_per_token_is_6n_plus_causal_attention() -> None:
+    """llm.c's convention (gpt2_estimate_mfu: 6N + 6·L·C·T): causal attention computes half of PaLM's 12·L·d·T."""
     cfg = ModelConfig(vocab_size=100, d_model=64, num_layers=2, attention={"n_heads": 4}, tie_embeddings=False)
     n = count_parameters(build_meta_model(cfg))
-    assert flops_per_token(cfg, 128, n) == 6 * (n - 100 * 64) + 12 * 2 * 64 * 128
+    assert flops_per_token(cfg, 128, n) == 6 * (n - 100 * 64) + 6 * 2 * 64 * 128
+
+
+def test_gpt2_124m_flops_match_llm_c() -> None:
+    """GPT-2 124M at T=1024 as llm.c counts it: N = 124,475,904 (tied, learned positions, which llm.c keeps
+    in N and we drop: they do no matmul) and 6·12·768·1024 for attention."""
+    cfg = ModelConfig(vocab_size=50257, d_model=768, num_layers=12, max_seq_len=1024, attention={"n_heads": 12},
+                      ffn={"type": "gelu"}, norm={"type": "layernorm"}, positional={"type": "learned"}, bias=True)
+    n = count_parameters(build_meta_model(cfg))
+    assert n == 124_439_808  # GPT-2 small (llm.c's 124,475,904 pads the vocabulary to 50,304)
+    llm_c = 6 * n + 6 * 12 * 768 * 1024
+    assert flops_per_token(cfg, 1024, n) == llm_c - 6 * 1024 * 768
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear", "constant", "wsd"])

@@ -192,6 +192,9 @@ class TrainConfig(_Strict):
     seed: int = 42
     num_workers: int = Field(4, ge=0, description="Batches prefetched by a background thread; 0 = none")
     compile_model: bool = False
+    loss_kernel: Literal["chunked", "liger"] = Field(
+        "chunked", description="chunked: training/loss.py's fused linear cross-entropy, no host sync; liger: liger-kernel's "
+                               "Triton kernel on CUDA (the cuda extra), float32 accumulation, one host sync per micro-step")
     compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
         "inductor", description="torch.compile backend; aot_eager/eager capture the same graphs without code generation (debugging)")
     device: str = "auto"

@@ -94,7 +94,9 @@ class Dist:
         """FSDP2: each block, then the root (embeddings, final norm, head), in place."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        # cast_forward_inputs off: the blocks take the float32 RoPE tables as they are, as under DDP and on
+        # one GPU, instead of bf16 copies (x is bf16 already: the embedding's output under bf16 parameters).
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
         for block in model.layers:  # type: ignore[attr-defined]
             fully_shard(block, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
         fully_shard(model, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
@@ -226,8 +228,17 @@ class Dist:
             dist.destroy_process_group()
 
 
+ALLOC_CONF = "expandable_segments:True"
+
+
 def setup(cfg: DistributedConfig, device_spec: str) -> Dist:
-    """Read the torchrun environment, pick the strategy, start the process group when needed."""
+    """Read the torchrun environment, pick the strategy, start the process group when needed.
+
+    Before CUDA starts, ``PYTORCH_CUDA_ALLOC_CONF`` defaults to ``expandable_segments:True``
+    (a variable already set wins): segments grow in place instead of leaving fragments between
+    micro-batches of changing sizes (packed fine-tuning) and FSDP's gathers.
+    """
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
     # Only a launcher's environment counts: torchrun always sets LOCAL_RANK, while RunPod's Instant
     # Clusters export WORLD_SIZE (all GPUs of the cluster) to every shell, where a plain
     # `python -m training` must stay one process.

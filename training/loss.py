@@ -9,8 +9,12 @@ which is what liger-kernel's fused linear cross-entropy does on CUDA. Saved for 
 gradient of ``hidden`` (its own size) and of ``weight`` (float32); the logits of one chunk exist
 at a time and are never saved.
 
-On CUDA with ``liger-kernel`` installed (the ``cuda`` extra) its Triton kernel is used instead;
-the CPU path is always the chunked one. Rows whose target is ``ignore_index`` (-100, as in
+On CUDA, ``loss_kernel: liger`` (with ``liger-kernel`` installed: the ``cuda`` extra) runs its
+Triton kernel instead, with float32 accumulation of the weight gradient (``accum_dtype``; liger's
+default accumulates it in bf16 across chunks). It is not the default: liger reads its count of
+valid targets with ``.item()`` in every call, a host synchronisation per micro-step and a graph
+break in the compiled loss, where the chunked path keeps everything on the device. The CPU path
+is always the chunked one. Rows whose target is ``ignore_index`` (-100, as in
 ``F.cross_entropy``) count neither in the loss nor in the mean, so masked fine-tuning targets
 work. A batch with every target ignored gives NaN, like ``F.cross_entropy``.
 """
@@ -111,7 +115,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = IGNORE_INDEX, chunk_rows: int | None = None,
-                         use_liger: bool = True) -> torch.Tensor:
+                         use_liger: bool = False) -> torch.Tensor:
     """Mean cross-entropy of ``hidden (N, d) @ weight (V, d).T`` against ``targets (N,)``, float32.
 
     Equal to ``F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=ignore_index)``
@@ -124,6 +128,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
             return _chunked(hidden, weight, targets, rows, ignore_index, dtype, False, False)[0]
     if use_liger and _liger is not None and hidden.is_cuda:
         with _autocast_off("cuda"):
-            out = _liger(hidden.to(dtype), weight.to(dtype), targets, ignore_index=ignore_index, reduction="mean")
+            out = _liger(hidden.to(dtype), weight.to(dtype), targets, ignore_index=ignore_index, reduction="mean",
+                         accum_dtype=torch.float32)
         return (out[0] if isinstance(out, tuple) else out).float()
     return _LinearCrossEntropy.apply(hidden, weight, targets, rows, ignore_index, dtype)

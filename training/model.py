@@ -124,6 +124,8 @@ class Transformer(nn.Module):
     forward stays the plain loop a reader expects.
     """
 
+    liger_loss = False  # the training loss through liger-kernel on CUDA (``loss_kernel: liger``; training/loss.py)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -225,7 +227,8 @@ class Transformer(nn.Module):
         if targets is None:
             return self.lm_head(h), None
         # The loss without the (B*T, vocab) logits: chunked (or liger's fused kernel on CUDA).
-        return None, linear_cross_entropy(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1))
+        return None, linear_cross_entropy(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                          use_liger=self.liger_loss)
 
 
 def _fill_tied_head(module: Transformer, state_dict: dict, prefix: str, *args) -> None:
@@ -308,7 +311,11 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, num_params: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus 12·L·d·T for attention scores (PaLM appendix B).
+    """Training FLOPs per token: 6N for the matmuls plus 6·L·d·T for causal attention's scores and
+    values (llm.c's convention: ``gpt2_estimate_mfu``; PaLM appendix B's 12·L·d·T counts every
+    (query, key) pair, which causal attention halves; nanoGPT and torchtitan use 12). Flash
+    attention's recomputation in backward is not counted: MFU counts the model's FLOPs, not the
+    kernels'.
 
     N excludes embedding lookups that do no matmul: learned positions, and the input table when untied;
     and for a mixture of experts the experts a token is not routed to (N is the active parameters).
@@ -320,7 +327,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, num_params: int) -> float:
         n -= cfg.max_seq_len * cfg.d_model
     if not cfg.tie_embeddings:
         n -= cfg.vocab_size * cfg.d_model
-    return 6.0 * n + 12.0 * cfg.num_layers * cfg.d_model * seq_len
+    return 6.0 * n + 6.0 * cfg.num_layers * cfg.d_model * seq_len
 
 
 def build_meta_model(cfg: ModelConfig) -> Transformer:

@@ -44,6 +44,7 @@ def compile_per_block(model: Transformer, backend: str) -> None:
 def build_model(cfg: TrainConfig, dist: Dist, param_dtype: torch.dtype | None) -> tuple[Transformer, nn.Module]:
     """(model, net): ``model`` holds the parameters by name, ``net`` is what the training step calls."""
     model = build_meta_model(cfg.model)
+    model.liger_loss = cfg.loss_kernel == "liger"
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model, cfg.ac_every)
     if cfg.compile_model:

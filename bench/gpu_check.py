@@ -22,7 +22,8 @@
    config has a flex option (else noted as absent), and plain causal attention on the same tokens as
    the ceiling; tokens/s, peak memory, and the loss and gradient differences from dense.
 5. Which SDPA kernels ran: the attention ops and kernels a profiler saw in one forward and backward of
-   one block at each config's shapes (causal), and in each packed-attention variant.
+   one block at each config's shapes (causal), and in each packed-attention variant; and the loss
+   kernels (chunked, liger when installed) timed at each config's shapes.
 
 Every figure goes into one JSON (``--out``), rewritten after each part so a run cut short still
 reports what it measured. ``--budget-s`` bounds the whole check: a part that would start too late is
@@ -268,6 +269,40 @@ def block_kernels(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     return result
 
 
+def loss_kernels(cfg: TrainConfig, device: torch.device, repeats: int = 5) -> dict[str, Any]:
+    """The training loss at the config's (micro-batch x seq_len, d_model) x vocabulary, bf16: milliseconds
+    per forward and backward of the chunked kernel and of liger's (``loss_kernel``), when installed."""
+    from training import loss as loss_module
+
+    rows, dim, vocab = cfg.batch_size * cfg.seq_len, cfg.model.d_model, cfg.model.vocab_size
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(rows, dim, device=device, generator=gen).bfloat16()
+    weight = (torch.randn(vocab, dim, device=device, generator=gen) * 0.02).bfloat16()
+    targets = torch.randint(0, vocab, (rows,), device=device, generator=gen)
+    out: dict[str, Any] = {"rows": rows, "dim": dim, "vocab": vocab}
+    kernels = {"chunked": False, **({"liger": True} if loss_module._liger is not None and device.type == "cuda" else {})}
+    for name, use_liger in kernels.items():
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+
+        def step() -> None:
+            loss_module.linear_cross_entropy(h, w, targets, use_liger=use_liger).backward()
+
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        out[f"{name}_ms"] = 1000 * (time.perf_counter() - t0) / repeats
+    if "liger" not in kernels:
+        out["liger"] = "not installed" if loss_module._liger is None else "CUDA only"
+    del hidden, weight
+    release(device)
+    return out
+
+
 def packed_batch(cfg: TrainConfig, gen: np.random.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Rows of examples of 64-1024 tokens laid end to end; the first token of each example's target is masked."""
     B, T, V = cfg.batch_size, cfg.seq_len, cfg.model.vocab_size
@@ -404,6 +439,7 @@ def check_config(name: str, args: argparse.Namespace, work: Path, device: torch.
     if clock.left() >= args.min_run_s:
         cfg = TrainConfig.model_validate(run_overrides(base, args, work, data_dir, "none", args.steps, False))
         entry["sdpa_causal_block"] = block_kernels(cfg, device)
+        entry["loss_kernels"] = loss_kernels(cfg, device)
         if first_config:
             report.data["packed_attention"] = {"config": name, **packed_attention(cfg, device, args.packed_repeats)}
     shutil.rmtree(work / name, ignore_errors=True)  # the config's shards and checkpoints, before the next config

@@ -68,6 +68,7 @@ def test_cpu_rehearsal_runs_every_part_offline_and_writes_one_json(tmp_path) -> 
             assert run["returncode"] == 0 and run["steps"] == 4 and run["tokens_per_s"] > 0 and run["mfu"] is None
             assert run["planned_gb"] > 0 and set(run["plan_terms_gb"]) >= {"parameters", "activations"}
         assert entry["accum"] == 2 and entry["sdpa_causal_block"]["backends"]  # which SDPA kernel ran
+        assert entry["loss_kernels"]["chunked_ms"] > 0 and entry["loss_kernels"]["liger"] in ("CUDA only", "not installed")
     ck = report["checkpoint"]
     assert ck["strategy"] == "fsdp" and ck["resumed_step"] == 4 and ck["trained_to"] == 5 and ck["resume_returncode"] == 0
     packed = report["packed_attention"]

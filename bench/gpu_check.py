@@ -12,8 +12,9 @@
    median of the trainer's log windows after the first (which holds compilation); peak memory is
    the trainer's ``torch.cuda.max_memory_allocated``, against ``training.memory_plan.plan`` for the
    same settings (the named baseline), with the plan's terms.
-3. The first config's ``fsdp`` run (else its first) ends with the trainer's blocking ``final`` save,
-   then a second run resumes from it (``--resume auto``) and trains one more step. Seconds to save:
+3. The first config's ``fsdp`` run (else its first) ends with the trainer's blocking ``final`` save
+   (sharded DCP checkpoints where the config offers a ``dcp`` option, issue 23 item 4), then a
+   second run resumes from it (``--resume auto``) and trains one more step. Seconds to save:
    from the trainer's last step line to its summary table; seconds to resume: from the launch to the
    "resumed from" line (interpreter start and model build included). The other runs save nothing.
    Each config's shards and checkpoints are deleted before the next config starts.
@@ -50,6 +51,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import types
 from typing import Any, Literal, Union, get_args, get_origin
 
 import numpy as np
@@ -164,6 +166,8 @@ def run_config(cfg: TrainConfig, raw: dict[str, Any], strategy: str, run_dir: Pa
     row: dict[str, Any] = {"strategy": strategy, "world": 1, "returncode": rc, "seconds": seconds}
     if rc != 0:
         row["error"] = "\n".join(line for _, line in lines[-25:])
+        if clock.left() <= 1:
+            row["stopped"] = "--budget-s ran out"
         return row, lines
     metrics = [json.loads(line) for line in (Path(cfg.checkpoint_dir) / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in metrics if "tokens_per_s" in r]
@@ -203,24 +207,26 @@ def write_shards(cfg: TrainConfig, steps: int, accum: int, data_dir: Path) -> No
 
 # ---- attention: which kernels ran, and packed batches with a dense mask against flex ----
 
-def flex_option(model_cls: type[BaseModel] = ModelConfig, prefix: str = "") -> tuple[str, Any] | None:
-    """(dotted key under ``model``, its dense value) of a model option that offers ``flex`` attention, or None."""
+def literal_option(value: str, model_cls: type[BaseModel], prefix: str = "") -> tuple[str, Any] | None:
+    """(dotted key, its first other value) of a config option that offers ``value`` (``flex`` attention,
+    ``dcp`` checkpoints: issue 23's other half, used when the branch that adds it is merged), or None."""
     for name, field in model_cls.model_fields.items():
         annotation = field.annotation
-        options = [a for a in (get_args(annotation) if get_origin(annotation) is Union else (annotation,))]
+        options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
         for option in options:
-            if get_origin(option) is Literal and "flex" in get_args(option):
-                dense = [v for v in get_args(option) if v not in ("flex", "auto")]
-                return f"{prefix}{name}", dense[0] if dense else None
+            if get_origin(option) is Literal and value in get_args(option):
+                others = [v for v in get_args(option) if v not in (value, "auto")]
+                return f"{prefix}{name}", others[0] if others else None
             if isinstance(option, type) and issubclass(option, BaseModel):
-                found = flex_option(option, f"{prefix}{name}.")
+                found = literal_option(value, option, f"{prefix}{name}.")
                 if found:
                     return found
     return None
 
 
-def with_model_option(model: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
-    out = json.loads(json.dumps(model))
+def with_option(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A copy of the config dict ``raw`` with ``dotted`` set to ``value``."""
+    out = json.loads(json.dumps(raw))
     node = out
     *parents, leaf = dotted.split(".")
     for part in parents:
@@ -321,14 +327,14 @@ def packed_batch(cfg: TrainConfig, gen: np.random.Generator, device: torch.devic
 
 def packed_attention(cfg: TrainConfig, device: torch.device, repeats: int) -> dict[str, Any]:
     """Packed batches through the config's model (eager blocks): dense mask, flex (if offered), plain causal."""
-    option = flex_option()
+    option = literal_option("flex", ModelConfig)
     variants: list[tuple[str, dict[str, Any], bool]] = []
     model_raw = cfg.model.model_dump(mode="json", exclude_unset=True)
     if option is None:
         variants.append(("dense", model_raw, True))
     else:
-        variants.append(("dense", with_model_option(model_raw, option[0], option[1]), True))
-        variants.append(("flex", with_model_option(model_raw, option[0], "flex"), True))
+        variants.append(("dense", with_option(model_raw, option[0], option[1]), True))
+        variants.append(("flex", with_option(model_raw, option[0], "flex"), True))
     variants.append(("causal", model_raw, False))
     gen = np.random.default_rng(0)
     batches = [packed_batch(cfg, gen, device) for _ in range(repeats + 1)]
@@ -409,6 +415,8 @@ def check_config(name: str, args: argparse.Namespace, work: Path, device: torch.
         run_dir.mkdir(parents=True, exist_ok=True)
         save = first_config and strategy == saver
         raw = run_overrides(base, args, run_dir, data_dir, strategy, args.steps, save)
+        if save and (dcp := literal_option("dcp", TrainConfig)):  # sharded checkpoints, where the trainer offers them
+            raw = with_option(raw, dcp[0], "dcp")
         cfg = TrainConfig.model_validate(raw)
         entry.update({"params": plan(cfg, 1, "none").params, "micro_batch": cfg.batch_size, "seq_len": cfg.seq_len,
                       "accum": cfg.gradient_accumulation_steps, "dtype": cfg.dtype, "compile": cfg.compile_model})
@@ -423,8 +431,10 @@ def check_config(name: str, args: argparse.Namespace, work: Path, device: torch.
         if save and row["returncode"] == 0:
             step_line = last(lines, lambda line: line.startswith(f"step {args.steps}/"))
             summary = first(lines, lambda line: "training summary" in line)
+            dcp = literal_option("dcp", TrainConfig)
             ck: dict[str, Any] = {"config": name, "strategy": strategy, "save_s": summary - step_line if summary and step_line else None,
-                                  "checkpoint_gb": sum(p.stat().st_size for p in Path(cfg.checkpoint_dir).glob("final*")) / 1e9}
+                                  "format": f"{dcp[0]}: dcp" if dcp else "the trainer's default (no dcp option)",
+                                  "checkpoint_gb": sum(f.stat().st_size for f in Path(cfg.checkpoint_dir).rglob("*") if f.is_file()) / 1e9}
             if clock.left() >= args.min_run_s:
                 again = {**raw, "num_steps": args.steps + 1, "save_final": False}
                 resumed, rlines = run_config(TrainConfig.model_validate(again), again, strategy, run_dir, args, clock, resume=True)
@@ -452,7 +462,8 @@ def failures(report: dict[str, Any]) -> list[str]:
     if tests.get("returncode", 0) not in (0, 5):  # 5: every test deselected
         found.append(f"tests/gpu: {tests.get('summary')}")
     for entry in report["configs"]:
-        found += [f"{entry['config']} {r['strategy']}: exit {r['returncode']}" for r in entry["runs"] if r.get("returncode", 0) != 0]
+        found += [f"{entry['config']} {r['strategy']}: exit {r['returncode']}" for r in entry["runs"]
+                  if r.get("returncode", 0) != 0 and "stopped" not in r]
     ck = report.get("checkpoint")
     if ck and ck.get("resume_returncode", 0) != 0:
         found.append(f"resume of {ck['config']}: exit {ck['resume_returncode']}")
@@ -503,7 +514,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny model of the same architecture: check this script on a CPU")
     parser.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu tests/gpu first")
     parser.add_argument("--tests-budget-s", type=float, default=180.0, help="the most tests/gpu may take")
-    parser.add_argument("--budget-s", type=float, default=450.0, help="the whole check; later parts are skipped, a late run stopped")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="the whole check; later parts are skipped, a late run stopped")
     parser.add_argument("--min-run-s", type=float, default=30.0, help="a run does not start with less of the budget left")
     parser.add_argument("--workdir", help="where shards and checkpoints go (default: a temporary directory, removed)")
     parser.add_argument("--out", type=Path, default=RESULTS)

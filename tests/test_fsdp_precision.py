@@ -34,9 +34,9 @@ _PROBE = textwrap.dedent("""
 """)
 
 
-def probe(**env: str) -> dict:
+def probe() -> dict:
     base = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
-    proc = subprocess.run([sys.executable, "-c", _PROBE], env={**base, "OMP_NUM_THREADS": "1", **env},
+    proc = subprocess.run([sys.executable, "-c", _PROBE], env={**base, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("PROBE ")).removeprefix("PROBE "))
@@ -48,5 +48,10 @@ def test_fsdp_blocks_get_float32_rope_tables_and_expandable_segments_by_default(
     assert result["alloc_conf"] == "expandable_segments:True"
 
 
-def test_an_allocator_setting_from_the_environment_wins() -> None:
-    assert probe(PYTORCH_CUDA_ALLOC_CONF="max_split_size_mb:512")["alloc_conf"] == "max_split_size_mb:512"
+def test_an_allocator_setting_from_the_environment_wins(monkeypatch) -> None:
+    from training.config import DistributedConfig
+    from training.distributed import setup
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    setup(DistributedConfig(strategy="none"), "cpu")
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"

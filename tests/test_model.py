@@ -30,7 +30,7 @@ def test_runpod_2b_shape_is_the_documented_one() -> None:
     assert (cfg.batch_size, cfg.gradient_accumulation_steps, cfg.dtype, cfg.scheduler.total_steps) == (2, 64, "bfloat16", 400000)
     cfg4 = load_config(PROJECT_ROOT / "configs" / "runpod_4b.yaml")
     assert (cfg4.model.d_model, cfg4.model.num_layers, cfg4.model.attention.n_heads) == (3072, 32, 48)
-    assert (cfg4.batch_size, cfg4.gradient_accumulation_steps, cfg4.ac_every) == (4, 64, 4)  # from the memory plan
+    assert (cfg4.batch_size, cfg4.gradient_accumulation_steps, cfg4.activation_checkpointing) == (4, 64, False)  # from the memory plan
 
 
 VARIANTS = [

@@ -78,7 +78,7 @@ def train_step(model: torch.nn.Module, batches: Prefetcher, optimizer: torch.opt
     """
     device = dist.device
     micro_batches = [_batch(batches.next_batch(), device) for _ in range(accum)]
-    counts = torch.stack([(y != IGNORE_INDEX).sum() for _, y, _ in micro_batches]).float()
+    counts = torch.stack([(y != IGNORE_INDEX).sum() for _, y, _ in micro_batches])  # int64: exact at any global batch
     total_count = dist.all_reduce_sum(counts.sum())
     scale = dist.world_size / total_count.clamp_min(1)
     loss_sum = torch.zeros((), device=device)

@@ -169,7 +169,7 @@ class FakeRunPod:
                       "US-KS-2": {"NVIDIA H100 80GB HBM3": "LOW"}}
         self.full_gpu_types: set[str] = set()  # GPU types RunPod cannot place now
         self.fail_next: list[int] = []  # statuses to answer before serving normally (429, 5xx)
-        self.create_delay_s = 0.0  # a create that takes this long (the client may time out)
+        self.create_delay_s = 0.0  # a create answered this late (the pod exists meanwhile)
         self.logs: dict[str, list[dict[str, str]]] = {}  # pod id -> [{ts, source, line}]
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -261,8 +261,6 @@ class FakeRunPod:
             request.body = raw.decode(errors="replace")
         if method == "POST" and url.path == "/graphql":
             request.operation = "graphql"
-        if self.create_delay_s and url.path == "/v2/pods" and method == "POST":
-            time.sleep(self.create_delay_s)
         with self._lock:
             self.requests.append(request)
             try:
@@ -283,6 +281,8 @@ class FakeRunPod:
             if errors:  # a bug in the fake: fail the test loudly, never hand out a wrong shape
                 return 500, Problem(500, f"the fake answered {op.operation_id} off-contract",
                                     errors[:5]).body(), None
+        if self.create_delay_s and request.operation == "createPod":
+            time.sleep(self.create_delay_s)  # created, but the answer is late: a client timeout
         return status, answer, stream
 
     def _route(self, request: Request) -> Operation:

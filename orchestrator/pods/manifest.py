@@ -27,6 +27,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -123,11 +124,12 @@ class VolumeMount(_Strict):
 
     @field_validator("volume_name")
     @classmethod
-    def _real_volume(cls, value: str) -> str:
+    def _real_volume(cls, value: str, info: ValidationInfo) -> str:
         where = "find it with `orchestrate volume list` or the console's Storage page"
         if not value.strip():
             raise ValueError(f"is empty: set your network volume id; {where}")
-        if value.strip() == VOLUME_PLACEHOLDER or value.startswith("<"):
+        placeholder = value.strip() == VOLUME_PLACEHOLDER or value.startswith("<")
+        if placeholder and not _placeholders_ok(info):
             raise ValueError(f"set your network volume id (placeholder {VOLUME_PLACEHOLDER!r}); {where}")
         if not re.fullmatch(r"[A-Za-z0-9_-]+", value):
             raise ValueError(f"{value!r} is not a RunPod volume id (letters, digits, - and _)")
@@ -253,7 +255,7 @@ class PodManifest(_Strict):
         return env
 
     @model_validator(mode="after")
-    def _consistent(self) -> PodManifest:
+    def _consistent(self, info: ValidationInfo) -> PodManifest:
         if self.spot and self.bid_per_gpu is None:
             raise _KeyedError(
                 "bidPerGpu", "spot: true needs a bid in $/h per GPU (the console shows the minimum)"
@@ -273,6 +275,8 @@ class PodManifest(_Strict):
         if "RUN_REPO" in self.command and not repo:
             raise _KeyedError("env.RUN_REPO", "the command clones $RUN_REPO: set it to your "
                               "podtrain repository (or bake the image: infra/Dockerfile)")
+        if _placeholders_ok(info):
+            return self  # a template (--print-runpodctl): no repository to check yet
         if "YOUR_ORG" in repo:
             raise _KeyedError("env.RUN_REPO", "set your podtrain repository (placeholder "
                               "'YOUR_ORG'): a git URL the pod can clone")
@@ -332,6 +336,7 @@ class PodManifest(_Strict):
         experiment: str | None = None,
         shard: bool | None = None,
         shard_lines: int | None = None,
+        placeholders_ok: bool = False,
     ) -> PodManifest:
         """Return a copy with the boot knobs overridden, validated like the file itself."""
         env = dict(self.env)
@@ -345,7 +350,7 @@ class PodManifest(_Strict):
                 env[key] = value
         data = self.model_dump(by_alias=True)
         data["env"] = env
-        return _validate(data, "command line")
+        return _validate(data, "command line", placeholders_ok)
 
 
 def _env_path(key: str) -> str:
@@ -474,19 +479,27 @@ def _unmasked_line(error: dict[str, Any]) -> str:
     return f"{path}: {message}"
 
 
-def _validate(data: Any, source: str) -> PodManifest:
+def _placeholders_ok(info: ValidationInfo) -> bool:
+    return bool((info.context or {}).get("placeholders_ok"))
+
+
+def _validate(data: Any, source: str, placeholders_ok: bool = False) -> PodManifest:
     if not isinstance(data, dict):
         raise ManifestError(f"{source}: the manifest must be a YAML mapping of keys")
     try:
-        return PodManifest.model_validate(data)
+        return PodManifest.model_validate(data, context={"placeholders_ok": placeholders_ok})
     except ValidationError as exc:
         errors = exc.errors()
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise ManifestError(f"{source}: {_one_line(errors[0])}{more}") from None
 
 
-def load_manifest(path: str | Path) -> PodManifest:
-    """Read and validate a manifest file; every failure is a ManifestError of one line."""
+def load_manifest(path: str | Path, placeholders_ok: bool = False) -> PodManifest:
+    """Read and validate a manifest file; every failure is a ManifestError of one line.
+
+    `placeholders_ok` accepts the shipped template's YOUR_VOLUME_ID and YOUR_ORG (and skips the
+    RUN_REF/RUN_CONFIG checks that need a real repository): for printing, never for creating.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -499,4 +512,4 @@ def load_manifest(path: str | Path) -> PodManifest:
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "not valid YAML"
         raise ManifestError(f"{path}{where}: invalid YAML: {problem}") from None
-    return _validate(data, str(path))
+    return _validate(data, str(path), placeholders_ok)

@@ -43,7 +43,8 @@ def _typer(name: str, what: str) -> typer.Typer:
                        no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
-app = _typer("pod", "RunPod pods from infra/runpod-pod.yaml, over RunPod's REST API v2")
+app = _typer("pod", "RunPod pods from infra/runpod-pod.yaml, over RunPod's REST API v2 (spot "
+                    "pods: the legacy GraphQL API)")
 volume_app = _typer("volume", "RunPod network volumes")
 
 
@@ -169,8 +170,7 @@ def list_(as_json: JsonFlag = False) -> None:
 @app.command()
 @_one_line_errors
 def get(pod_id: PodId, as_json: JsonFlag = False) -> None:
-    """Show one pod: status, cost, SSH (RunPod's proxy and direct), TensorBoard, env (secrets
-    hidden)."""
+    """Show one pod: status, cost, SSH (proxy and direct), TensorBoard, env (secrets hidden)."""
     pod = pods.get_pod(pod_id)
     if as_json:
         _echo(json.dumps(pods.public(pod), indent=2))

@@ -36,9 +36,9 @@ def runpodctl_line(manifest: PodManifest) -> tuple[str, list[str]]:
     if manifest.command:
         argv += ["--docker-args", manifest.command]
     lost = [
-        f"maxRuntimeHours: RUN_DEADLINE is computed when `orchestrate pod create` runs; add "
-        f"\"RUN_DEADLINE\":\"$(( $(date +%s) + {int(manifest.max_runtime_hours * 3600)} ))\" to "
-        "--env yourself, or boot.sh arms no deadline stop",
+        "maxRuntimeHours: RUN_DEADLINE is computed when `orchestrate pod create` runs; add "
+        f"\"RUN_DEADLINE\":\"<the output of: date -d +{manifest.max_runtime_hours:g}hours +%s>\" "
+        "to --env yourself, or boot.sh arms no deadline stop",
     ]
     lost.append("dataCenterIds: `orchestrate pod create` pins the volume's data center; add "
                 "--data-center-ids <its id> (orchestrate volume list) to do the same")

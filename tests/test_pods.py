@@ -172,7 +172,7 @@ def test_a_quoted_env_value_with_a_newline_arrives_intact(api: FakeRunPod, tmp_p
 
 # Every shape, and every field, at least once (each field with a different shape).
 FIELDS = ["env name", "name", "image", "command", "env value", "RUN_REPO", "gpuType", "ports",
-          "env value"]
+          "volumeName"]
 
 
 @pytest.mark.parametrize(("where", "shape"), list(zip(FIELDS, sorted(SECRETS))))
@@ -190,6 +190,7 @@ def test_a_secret_anywhere_is_refused_never_printed_never_sent(
                              f"https://x-access-token:{secret}@github.com/me/p.git"}},
         "gpuType": {"gpuType": ["NVIDIA A100 80GB PCIe", f"NVIDIA {secret}"]},
         "ports": {"ports": ["6006/http", f"{secret}/tcp"]},
+        "volumeName": {"volumeMounts": [{"volumeName": secret, "mountPath": "/workspace"}]},
     }[where]
     path = _manifest(tmp_path, **{k: v for k, v in changes.items() if k != "env"},
                      env=changes.get("env"))
@@ -368,8 +369,10 @@ def test_spot_checks_the_minimum_bid_and_rents_through_graphql(api: FakeRunPod,
 
 
 def test_list_get_start_stop_delete(api: FakeRunPod) -> None:
+    token = SECRETS["github classic"]  # a pod made elsewhere may carry one: never shown
     pod = api.add_pod(name="podtrain-x", uptime=5400, env={
-        "RUN_EXPERIMENT": "x", "HF_TOKEN": "{{ RUNPOD_SECRET_hf_token }}", "WANDB_API_KEY": "abc"})
+        "RUN_EXPERIMENT": "x", "HF_TOKEN": "{{ RUNPOD_SECRET_hf_token }}", "WANDB_API_KEY": "abc",
+        "MIRROR": f"https://me:{token}@example.org"})
     listed = _run("list")
     assert pod["id"] in listed.stdout and "RUNNING" in listed.stdout and "1h30m" in listed.stdout
     shown = _run("get", pod["id"])
@@ -380,7 +383,9 @@ def test_list_get_start_stop_delete(api: FakeRunPod) -> None:
     assert "env          WANDB_API_KEY=<hidden>" in out and "abc" not in out
     assert "env          HF_TOKEN={{ RUNPOD_SECRET_hf_token }}" in out
     assert f"tensorboard  https://{pod['id']}-6006.proxy.runpod.net" in out
-    assert '"WANDB_API_KEY": "<hidden>"' in _run("get", pod["id"], "--json").stdout
+    assert "env          MIRROR=https://me:***@example.org" in out
+    as_json = _run("get", pod["id"], "--json").stdout + _run("list", "--json").stdout
+    assert '"WANDB_API_KEY": "<hidden>"' in as_json and token not in as_json
     assert _run("stop", pod["id"]).stdout == f"pod {pod['id']}: EXITED\n"
     assert _run("start", pod["id"]).stdout == f"pod {pod['id']}: RUNNING\n"
     assert [r.body for r in api.find("podAction")] == [{"action": "stop"}, {"action": "start"}]

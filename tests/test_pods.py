@@ -609,7 +609,7 @@ def _load(tmp_path: Path, mutate) -> PodManifest:
         (lambda d: d["env"].update(RUN_DEADLINE="1"), "env.RUN_DEADLINE: is set by `orchestrate "
                                                        "pod create` itself"),
         (lambda d: d["env"].update(PODTRAIN_MANAGED="0"), "env.PODTRAIN_MANAGED: is set by"),
-        (lambda d: d["env"].update(RUN_SHARD="2"), "env.RUN_SHARD: must be '0' or '1'"),
+        (lambda d: d["env"].update(RUN_SHARD="2"), "env.RUN_SHARD: must be 'auto', '0' or '1'"),
         (lambda d: d["env"].update(RUN_CONFIG="configs/nope.yaml"),
          f"env.RUN_CONFIG: configs/nope.yaml is not in RUN_REF {HEAD}; known there: "),
         (lambda d: d["env"].update(RUN_REPO="https://github.com/YOUR_ORG/podtrain.git"),

@@ -391,8 +391,8 @@ def _check_env_item(key: str, value: str) -> None:
 
 def _check_knob(path: str, key: str, value: str) -> None:
     """The boot knobs fail here, not minutes into a paid boot."""
-    if key == "RUN_SHARD" and value not in ("0", "1"):
-        raise _KeyedError(path, f"must be '0' or '1', not {value!r}")
+    if key == "RUN_SHARD" and value not in ("auto", "0", "1"):
+        raise _KeyedError(path, f"must be 'auto', '0' or '1' (as boot.sh reads it), not {value!r}")
     if key == "SHARD_LINES" and not (value.isdigit() and int(value) > 0):
         raise _KeyedError(path, f"must be a positive integer, not {value!r}")
     if key == "RUN_EXPERIMENT" and not _EXPERIMENT.match(value):

@@ -568,7 +568,15 @@ def test_print_runpodctl_is_the_line_in_the_docs(api: FakeRunPod) -> None:
     assert block == result.stdout.rstrip("\n"), (
         "docs/runpod.md's runpodctl line is stale: regenerate it with "
         "`orchestrate pod create -f infra/runpod-pod.yaml --print-runpodctl`")
-    assert api.requests == []
+    assert api.requests == []  # the placeholder volume is not looked up
+
+
+def test_print_runpodctl_pins_a_real_volumes_data_center(api: FakeRunPod, tmp_path: Path) -> None:
+    result = _run("create", "-f", str(_manifest(tmp_path)), "--print-runpodctl")
+    assert result.returncode == 0, result.stderr
+    assert " --network-volume-id vol9test42 " in result.stdout
+    assert " --data-center-ids EU-RO-1 " in result.stdout and "dataCenterIds" not in result.stdout
+    assert api.operations() == ["listNetworkVolumes"] and not api.pods
 
 
 def test_docs_claim_no_server_side_runtime_cap() -> None:

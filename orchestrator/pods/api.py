@@ -16,7 +16,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from orchestrator.pods import rest, spot
-from orchestrator.pods.manifest import PodManifest, is_secret_name, is_secret_reference, mask
+from orchestrator.pods.manifest import (
+    VOLUME_PLACEHOLDER,
+    PodManifest,
+    is_secret_name,
+    is_secret_reference,
+    mask,
+)
 from orchestrator.pods.rest import PodError, has_api_key
 
 __all__ = ["PodError", "has_api_key"]
@@ -123,6 +129,15 @@ def resolve_request(manifest: PodManifest) -> PodRequest:
     body = {**request.body, "dataCenterIds": [volume["dataCenter"]]}
     resolved = replace(request, body=body, prices=prices)
     return within_price_caps(resolved, manifest)
+
+
+def volume_data_center(manifest: PodManifest) -> str | None:
+    """The manifest volume's data center, when a key is at hand and the volume is real (None for
+    the shipped placeholder or without a key: nothing is sent then)."""
+    if not has_api_key() or manifest.volume_id == VOLUME_PLACEHOLDER:
+        return None
+    volume = next((v for v in rest.list_volumes() if v.get("id") == manifest.volume_id), None)
+    return volume.get("dataCenter") if volume else None
 
 
 def within_price_caps(request: PodRequest, manifest: PodManifest) -> PodRequest:

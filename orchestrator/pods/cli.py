@@ -113,7 +113,7 @@ def create(
         placeholders_ok=print_runpodctl,
     )
     if print_runpodctl:
-        line, lost = runpodctl_line(manifest)
+        line, lost = runpodctl_line(manifest, pods.volume_data_center(manifest))
         _echo(line)
         _echo("\n".join(f"# cannot express: {item}" for item in lost))
         return

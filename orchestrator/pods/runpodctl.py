@@ -4,7 +4,8 @@ Why: runpodctl has no `-f` (the seed's `runpodctl create pod -f` never existed),
 prefer RunPod's own tool need the flags spelled out. The flags are runpodctl's as its source has
 them (runpod/runpodctl, cmd/pod/create.go at 2e2df89: --name, --image, --gpu-id, --gpu-count,
 --cloud-type, --container-disk-in-gb, --network-volume-id, --volume-mount-path, --ports,
---min-cuda-version, --docker-args, --env as a JSON object; --ssh defaults to true).
+--data-center-ids, --min-cuda-version, --docker-args, --env as a JSON object; --ssh defaults to
+true).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import shlex
 from orchestrator.pods.manifest import PodManifest, mask
 
 
-def runpodctl_line(manifest: PodManifest) -> tuple[str, list[str]]:
-    """(the command line, one line per manifest setting it cannot express)."""
+def runpodctl_line(manifest: PodManifest, data_center: str | None) -> tuple[str, list[str]]:
+    """(the command line, one line per manifest setting it cannot express); `data_center` is the
+    volume's, when it could be looked up."""
     env = {k: v for k, v in manifest.pod_env(deadline=0).items() if k != "RUN_DEADLINE"}
     argv = [
         "runpodctl", "pod", "create",
@@ -30,6 +32,8 @@ def runpodctl_line(manifest: PodManifest) -> tuple[str, list[str]]:
         "--volume-mount-path", manifest.volume_mounts[0].mount_path,
         "--ports", ",".join(manifest.ports),
     ]
+    if data_center:
+        argv += ["--data-center-ids", data_center]
     if manifest.cuda_floor:
         argv += ["--min-cuda-version", manifest.cuda_floor]
     argv += ["--env", json.dumps(env, separators=(",", ":"))]
@@ -40,8 +44,9 @@ def runpodctl_line(manifest: PodManifest) -> tuple[str, list[str]]:
         f"\"RUN_DEADLINE\":\"<the output of: date -d +{manifest.max_runtime_hours:g}hours +%s>\" "
         "to --env yourself, or boot.sh arms no deadline stop",
     ]
-    lost.append("dataCenterIds: `orchestrate pod create` pins the volume's data center; add "
-                "--data-center-ids <its id> (orchestrate volume list) to do the same")
+    if not data_center:
+        lost.append("dataCenterIds: `orchestrate pod create` pins the volume's data center; add "
+                    "--data-center-ids <its id> (orchestrate volume list) to do the same")
     if len(manifest.gpu_types) > 1:
         lost.append(f"gpuType: runpodctl takes one --gpu-id; {', '.join(manifest.gpu_types[1:])} "
                     "are not tried when RunPod cannot place the first")

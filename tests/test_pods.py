@@ -478,6 +478,8 @@ def test_reap_idle_pods_only_when_asked(api: FakeRunPod) -> None:
     assert "its GPUs show 0% use and no memory" in out and "container is not up" in out
     assert sorted(r.path_params["id"] for r in api.find("podAction")) == sorted(
         [idle["id"], hung["id"]])
+    assert _one_error_line(_run("reap", "--idle-minutes", "-5")) == \
+        "error: --idle-minutes -5: give a positive number of minutes"
 
 
 def test_status_reads_metrics_over_ssh_and_logs_ssh_is_the_fallback(

@@ -239,6 +239,8 @@ def reap(
     Podtrain pods are those with PODTRAIN_MANAGED=1 in their env (`pod create` sets it); no other
     pod is touched.
     """
+    if idle_minutes is not None and not idle_minutes > 0:
+        raise pods.PodError(f"--idle-minutes {idle_minutes:g}: give a positive number of minutes")
     lines = reap_pods(time.time(), terminate=terminate, idle_minutes=idle_minutes,
                       dry_run=dry_run)
     _echo("\n".join(lines) if lines else "nothing to reap")

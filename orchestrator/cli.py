@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 
 from orchestrator.pipeline import Pipeline, PipelineError, PipelineOptions
-from orchestrator.sft_stages import parse_stages
+from orchestrator.sft.stages import parse_stages
 from orchestrator.stages import STAGE_NAMES, StageFailed, summary_table
 from sharder.argv import spread_multi_value_flags
 
@@ -114,7 +114,7 @@ def main() -> None:
 
         volume_app(args=args[1:], prog_name="orchestrate volume")
     elif args and args[0] == "sft":
-        from orchestrator.sft_cli import main as sft_main
+        from orchestrator.sft.cli import main as sft_main
 
         sft_main(args[1:])
     elif args and args[0] in ("evaluate", "sample", "export"):
@@ -122,7 +122,7 @@ def main() -> None:
 
         use_app(args=args, prog_name="orchestrate")
     elif args and args[0] == "tokenizer":
-        from orchestrator.tokenizer_cli import app as tokenizer_app
+        from orchestrator.tokenizer.cli import app as tokenizer_app
 
         tokenizer_app(args=args[1:], prog_name="orchestrate tokenizer")
     else:  # --input a b c: values up to the next flag or key=value override

@@ -1,5 +1,5 @@
 """The whole pipeline as stages: layout → shard → (curate, when the recipe curates) → tokenizer → emit → train,
-then, with ``--stages ...,instruct,tool,reasoning``, one stage per fine-tuning phase (orchestrator/sft_stages.py).
+then, with ``--stages ...,instruct,tool,reasoning``, one stage per fine-tuning phase (orchestrator/sft/stages.py).
 
 Each stage is a plain function over :class:`PipelineOptions` and the :class:`Layout`; the runner in
 ``orchestrator.stages`` decides, from completion markers, which ones need to run. Everything here
@@ -21,12 +21,12 @@ from typing import Any
 
 from rich.console import Console
 
-from orchestrator.encode import EncodeError, encode_shards
+from orchestrator.tokenizer.encode import EncodeError, encode_shards
 from orchestrator.lock import ExperimentLock, LockHeld
-from orchestrator.sft_stages import finished, run_sft_stage, sft_stage_inputs, split_overrides, stage_dir
+from orchestrator.sft.stages import finished, run_sft_stage, sft_stage_inputs, split_overrides, stage_dir
 from orchestrator.stages import STAGE_NAMES, Stage, StageRecord, run_stages
 from orchestrator.torchrun_output import filter_stream
-from orchestrator.tokenizer import META_FILE, TOKENIZER_FILE, TokenizerBundle, TokenizerError, prepare_tokenizer
+from orchestrator.tokenizer.bpe import META_FILE, TOKENIZER_FILE, TokenizerBundle, TokenizerError, prepare_tokenizer
 from orchestrator.workspace import HF_CACHE_VARIABLES, Layout, LayoutError
 from sharder.errors import ShardError, ShardInterrupted
 from sharder.manifest import ManifestError, load_manifest

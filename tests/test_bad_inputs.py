@@ -122,7 +122,7 @@ def _can_mount_private_tmpfs() -> bool:
 def test_encode_onto_a_full_disk_names_the_output_shard(tmp_path) -> None:
     from test_tokenizer import make_documents, write_text_dir
 
-    from orchestrator.tokenizer import prepare_tokenizer
+    from orchestrator.tokenizer.bpe import prepare_tokenizer
 
     text = tmp_path / "text"
     write_text_dir(text, make_documents(200_000, seed=1), num_shards=1)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.sft_cli import sft_dir
+from orchestrator.sft.cli import sft_dir
 from orchestrator.workspace import Layout
 from training.checkpoint import list_tags
 from training.config import SFT_STAGES, ConfigError, dump_config, load_config, read_config_file, validate_config

@@ -10,7 +10,7 @@ Design choices, and why:
 
 - Byte-level BPE with a GPT-4/Llama-3 style split regex (digits in groups of at most three),
   no normalizer, a byte-level decoder and ``ignore_merges``: every UTF-8 text round-trips, and
-  the result is exactly reproducible by ``tiktoken`` (see ``orchestrator.tiktoken_bpe``), which
+  the result is exactly reproducible by ``tiktoken`` (see ``orchestrator.tokenizer.tiktoken_bpe``), which
   the encode stage uses for speed.
 - ``<|endoftext|>`` and ``<|pad|>`` are added after training, so they take the last two ids and
   merged tokens keep ids in merge order (what tiktoken's ranks require).

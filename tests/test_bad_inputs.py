@@ -253,7 +253,7 @@ def test_torchrun_report_is_dropped_and_a_rank_traceback_kept() -> None:
 def test_bad_shard_on_two_ranks_is_one_line_and_exit_2_through_orchestrate(byte_corpus, tmp_path, capfd) -> None:
     from rich.console import Console
 
-    from orchestrator.pipeline import launch_training
+    from orchestrator.launch import launch_training
 
     bad = tmp_path / "data" / "bad.tok"
     shard_with_a_bad_id(bad, 300, 5)

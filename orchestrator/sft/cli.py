@@ -96,7 +96,7 @@ def init_command(
     from training.checkpoint import CheckpointError
     from training.sft.resize import resize_checkpoint
     from training.sft.template import TemplateError, write_chat_bundle
-    from orchestrator.tokenizer.bpe import TokenizerError
+    from training.tokenizer_bundle import TokenizerError
 
     directory, tag = (checkpoint, "final") if checkpoint.is_dir() else (checkpoint.parent, checkpoint.name.split(".")[0])
     try:

@@ -17,7 +17,8 @@ import typer
 from rich.console import Console
 
 from orchestrator.tokenizer.encode import ENGINES, encode_shards
-from orchestrator.tokenizer.bpe import TokenizerBundle, TokenizerError, prepare_tokenizer
+from orchestrator.tokenizer.bpe import prepare_tokenizer
+from training.tokenizer_bundle import TokenizerBundle, TokenizerError
 
 app = typer.Typer(
     help="Train, reuse or import the BPE tokenizer; encode text shards into token shards.",

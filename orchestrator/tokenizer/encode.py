@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from orchestrator.tokenizer.tiktoken_bpe import IncompatibleTokenizer, build_encoding, first_mismatch
-from orchestrator.tokenizer.bpe import TokenizerBundle, TokenizerError
+from training.tokenizer_bundle import TokenizerBundle, TokenizerError
 from sharder.manifest import Manifest, ManifestError, load_manifest
 from sharder.textshard import TextShardError, read_documents
 from training.atomic import atomic_write_json, read_versioned_json, remove_stale_temporaries

@@ -26,7 +26,6 @@ from typing import List, Optional
 import typer
 
 from orchestrator.workspace import Layout, LayoutError
-from sharder.argv import spread_multi_value_flags
 from training.sft.prepare import PrepareError, PrepareOptions, parse_file_flags, parse_source_flags, prepare
 
 EXIT_USAGE = 2
@@ -105,7 +104,3 @@ def init_command(
     except (TemplateError, TokenizerError, CheckpointError) as exc:
         _fail(str(exc))
     print(f"stage: instruct  init_from: {start}  tokenizer_path: {chat.directory}  model.vocab_size: {chat.vocab_size} (or more)")
-
-
-def main(args: list[str]) -> None:
-    app(args=spread_multi_value_flags(args, ("--stages", "--source", "--file")), prog_name="orchestrate sft")

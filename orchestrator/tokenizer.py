@@ -38,6 +38,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from sharder.manifest import ManifestError, load_manifest
 from sharder.textshard import TextShardError, read_documents
 from training.atomic import atomic_write_bytes, atomic_write_json, read_versioned_json
+from training.heartbeat import Heartbeat
 
 EOT_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -216,6 +217,7 @@ def sample_documents(text_dirs: list[Path], sample_bytes: int, stats: dict[str, 
     except ManifestError as exc:
         raise TokenizerError(str(exc)) from None
     left = sample_bytes
+    heartbeat = Heartbeat("tokenizer", "bytes sampled")  # boot.sh's watchdog (the merges that follow are not tracked)
     for i, path in enumerate(paths):
         budget = left // (len(paths) - i)
         taken = 0
@@ -230,6 +232,7 @@ def sample_documents(text_dirs: list[Path], sample_bytes: int, stats: dict[str, 
                 batch.append(doc)
                 if len(batch) == _BATCH_DOCS:
                     stats["documents"] += len(batch)
+                    heartbeat.beat(stats["bytes"])
                     yield batch
                     batch = []
         except TextShardError as exc:  # already names the file and line

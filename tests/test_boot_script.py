@@ -14,10 +14,12 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 BOOT = Path(__file__).resolve().parents[1] / "infra" / "boot.sh"
@@ -27,8 +29,16 @@ SECRET = "hf_" + "Q" * 34  # shaped like a real token; must never reach a log
 # Each stand-in logs "<name> <args>"; orchestrate fails when its --stop-after value (or "train",
 # for the run without one) equals $FAKE_FAIL. In the training run, FAKE_HANG=1 waits for SIGTERM,
 # records it and exits 143 as a trainer that saved its state would (FAKE_HANG=deaf ignores
-# SIGTERM, as a trainer stuck in a collective does), and FAKE_STEPS=N logs a step to
-# metrics.jsonl every second N times. Its env is written to $FAKE_LOG.env.
+# SIGTERM, as a trainer stuck in a collective does), and FAKE_STEPS=N writes a step to the
+# heartbeat file every second N times. Its env is written to $FAKE_LOG.env.
+# A stand-in named by FAKE_HANG_AT (pip, fineweb-sharder, or orchestrate's --stop-after value)
+# hangs without progress; the pid of what it waits on goes to $FAKE_LOG.hung.
+HANG = r"""if [[ "${FAKE_HANG_AT:-}" == "${HANG_NAME:-$(basename "$0")}" ]]; then
+  sleep 60 >/dev/null 2>&1 &
+  echo $! > "$FAKE_LOG.hung"
+  wait $!
+fi
+"""
 ORCHESTRATE = r"""#!/usr/bin/env bash
 echo "orchestrate $*" >> "$FAKE_LOG"
 env > "$FAKE_LOG.env"
@@ -41,11 +51,12 @@ for arg in "$@"; do
   prev=$arg
 done
 if [[ "$stage" == "${FAKE_FAIL:-}" ]]; then echo "fake orchestrate: $stage broke" >&2; exit 3; fi
+HANG_NAME=$stage
+""" + HANG + r"""
 if [[ "$stage" == train && -n "${FAKE_STEPS:-}" ]]; then
-  mkdir -p "$root/runs/$exp/checkpoints"
   for step in $(seq "$FAKE_STEPS"); do
     sleep 1
-    echo "{\"step\": $step, \"loss\": 1.0}" >> "$root/runs/$exp/checkpoints/metrics.jsonl"
+    echo "{\"stage\": \"train\", \"unit\": \"steps\", \"progress\": $step}" > "$RUN_HEARTBEAT"
   done
 fi
 if [[ "$stage" == train && "${FAKE_HANG:-0}" != 0 ]]; then
@@ -63,13 +74,20 @@ fi
 exit 0
 """
 RECORDER = """#!/usr/bin/env bash
-echo "{name} $*" >> "$FAKE_LOG"
-"""
-# `pip install -e <project>` installs the two console scripts, as the real install would.
+echo "$(basename "$0") $*" >> "$FAKE_LOG"
+""" + HANG
+
+# `pip install -e <project>` installs the two console scripts, as the real install would; the
+# constraints file it was given (-c FILE) is copied to $FAKE_LOG.constraints.
 PIP = r"""#!/usr/bin/env bash
 echo "pip $*" >> "$FAKE_LOG"
+""" + HANG + r"""
+prev=""
+for arg in "$@"; do [[ "$prev" == -c ]] && cp "$arg" "$FAKE_LOG.constraints"; prev=$arg; done
 cp "$FAKE_STASH/orchestrate" "$FAKE_STASH/fineweb-sharder" "$(dirname "$0")/"
 """
+# The real interpreter (with this venv's torch), as the image's `python`.
+PYTHON = f"#!/bin/sh\nexec {sys.executable} \"$@\"\n"
 
 
 def _write(path: Path, text: str) -> None:
@@ -88,11 +106,12 @@ def pod(tmp_path: Path) -> dict:
     (project / "configs" / "tiny.yaml").write_text("num_steps: 2\n")
     (project / "pyproject.toml").write_text("[project]\nname = 'podtrain'\n")
     _write(stash / "orchestrate", ORCHESTRATE)
-    _write(stash / "fineweb-sharder", RECORDER.format(name="fineweb-sharder"))
+    _write(stash / "fineweb-sharder", RECORDER)
     for name in ("tensorboard", "runpodctl"):
-        _write(bin_dir / name, RECORDER.format(name=name))
+        _write(bin_dir / name, RECORDER)
     _write(bin_dir / "pip", PIP)
-    _write(tmp_path / "start.sh", RECORDER.format(name="start.sh"))
+    _write(bin_dir / "python", PYTHON)
+    _write(tmp_path / "start.sh", RECORDER)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("one document\nanother document\n")
     env = {
@@ -158,8 +177,12 @@ def test_four_stages_run_in_order_with_the_documented_flags(pod: dict) -> None:
     common = (f"--mode cloud --workspace {root} --experiment {exp} --config configs/tiny.yaml "
               f"--train-shard-lines 1000 --reuse-shards")
     calls = [c for c in _calls(pod) if not c.startswith("start.sh")]
+    # pip installs the cuda extra, held to the image's torch by a constraints file
+    pip = re.fullmatch(r"pip install --no-input -e (\S+) -c (\S+)", calls.pop(0))
+    assert pip and pip[1] == f"{pod['env']['PODTRAIN_PROJECT']}[cuda]"
+    assert Path(pod["env"]["FAKE_LOG"] + ".constraints").read_text() == f"torch=={torch.__version__}\n"
+    assert not Path(pip[2]).exists()  # on the container disk, and removed after the install
     assert calls == [
-        f"pip install --no-input -e {pod['env']['PODTRAIN_PROJECT']}",
         f"fineweb-sharder --mode split --lines-per-shard 1000 --experiment {exp} "
         f"--workspace {root} --input {pod['env']['RUN_INPUT']}",
         f"orchestrate {common} --stop-after emit",
@@ -279,7 +302,7 @@ def test_sigterm_reaches_training_and_is_not_a_failure(pod: dict) -> None:
 
 @pytest.mark.parametrize(
     ("env", "message"),
-    [({"RUN_SHARD": "yes"}, "RUN_SHARD='yes' must be 0 or 1"),
+    [({"RUN_SHARD": "yes"}, "RUN_SHARD='yes' must be auto, 0 or 1"),
      ({"SHARD_LINES": "0"}, "SHARD_LINES='0' must be a positive integer"),
      ({"RUN_STAGES": "pretrain,chat"}, "RUN_STAGES='pretrain,chat' must be a comma-separated subset of pretrain,instruct,tool,reasoning")],
 )
@@ -322,9 +345,28 @@ def test_the_watchdog_stops_a_hung_trainer_and_the_pod(pod: dict) -> None:
     status, out = _end(proc)
     assert status == 143
     log = (pod["run_dir"] / "boot.log").read_text()
-    assert "watchdog: no training step logged to" in log and "for 0.05 min" in log
-    assert "stage train: stopped by the watchdog" in log
-    assert not (pod["run_dir"] / "BOOT_FAILED").exists()  # a hang is not a settings failure
+    assert "watchdog: stage train made no progress in" in log and "for 3s" in log
+    # A hang now counts as a failure (behaviour changed with every stage watched): a pod that
+    # hung once with these settings is not restarted into the same hang unattended.
+    assert (pod["run_dir"] / "BOOT_FAILED").read_text().startswith("stage=train\nstatus=124\n")
+
+
+@pytest.mark.parametrize(("stage", "hang_at"), [
+    ("install", "pip"), ("shard", "fineweb-sharder"), ("tokenizer", "emit"), ("train", "train")])
+def test_the_watchdog_kills_any_stage_that_stops_making_progress(pod: dict, stage: str,
+                                                                  hang_at: str) -> None:
+    result = _boot(pod, FAKE_HANG_AT=hang_at,
+                   **{f"BOOT_WATCHDOG_MINUTES_{stage.upper()}": "0.03"})  # 2 s without a beat
+    assert result.returncode == 124, result.stdout
+    assert f"watchdog: stage {stage} made no progress in {pod['run_dir']}/heartbeat for 2s" \
+        in result.stdout
+    marker = (pod["run_dir"] / "BOOT_FAILED").read_text()
+    assert marker.startswith(f"stage={stage}\nstatus=124\n")
+    assert f"BOOT_WATCHDOG_MINUTES_{stage.upper()}" in marker
+    assert not _pid_alive(int(Path(pod["env"]["FAKE_LOG"] + ".hung").read_text()))
+    later = {"install": "fineweb-sharder", "shard": "orchestrate", "tokenizer": "tensorboard",
+             "train": "nothing"}[stage]
+    assert not any(c.startswith(later) for c in _calls(pod))  # no stage after it ran
 
 
 def test_the_watchdog_kills_a_trainer_deaf_to_sigterm(pod: dict) -> None:

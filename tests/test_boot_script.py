@@ -10,12 +10,16 @@ real orchestrator is a separate test.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -86,6 +90,24 @@ prev=""
 for arg in "$@"; do [[ "$prev" == -c ]] && cp "$arg" "$FAKE_LOG.constraints"; prev=$arg; done
 cp "$FAKE_STASH/orchestrate" "$FAKE_STASH/fineweb-sharder" "$(dirname "$0")/"
 """
+# runpodctl as its sources (runpod/runpodctl, 2026-07) behave: `pod stop ID` prints the pod (env
+# included) and exits 0, or exits 1 on an API error (REST v1, which it calls, is retired);
+# the legacy `stop pod ID` prints `pod "ID" stopped`, or `pod "ID" stop failed; status is ...`
+# and exits 0 all the same. FAKE_RUNPODCTL=v1-retired fails the first, =both-fail both.
+RUNPODCTL = r"""#!/usr/bin/env bash
+echo "runpodctl $*" >> "$FAKE_LOG"
+mode=${FAKE_RUNPODCTL:-ok}
+case "$1 $2" in
+  "pod stop")
+    if [[ "$mode" != ok ]]; then
+      echo 'Error: api error: {"error":"no such route"} (status 404)' >&2; exit 1
+    fi
+    echo "{\"id\": \"$3\", \"desiredStatus\": \"EXITED\", \"env\": {\"HF_TOKEN\": \"$HF_TOKEN\"}}" ;;
+  "stop pod")
+    if [[ "$mode" == both-fail ]]; then echo "pod \"$3\" stop failed; status is RUNNING"
+    else echo "pod \"$3\" stopped"; fi ;;
+esac
+"""
 # The real interpreter (with this venv's torch), as the image's `python`.
 PYTHON = f"#!/bin/sh\nexec {sys.executable} \"$@\"\n"
 
@@ -107,8 +129,8 @@ def pod(tmp_path: Path) -> dict:
     (project / "pyproject.toml").write_text("[project]\nname = 'podtrain'\n")
     _write(stash / "orchestrate", ORCHESTRATE)
     _write(stash / "fineweb-sharder", RECORDER)
-    for name in ("tensorboard", "runpodctl"):
-        _write(bin_dir / name, RECORDER)
+    _write(bin_dir / "tensorboard", RECORDER)
+    _write(bin_dir / "runpodctl", RUNPODCTL)
     _write(bin_dir / "pip", PIP)
     _write(bin_dir / "python", PYTHON)
     _write(tmp_path / "start.sh", RECORDER)
@@ -404,17 +426,148 @@ def test_an_unresolved_secret_reference_is_unset_with_one_warning(pod: dict) -> 
     assert "RUNPOD_SECRET" not in seen and "HF_TOKEN=" not in seen
 
 
-def test_a_repository_that_cannot_be_fetched_stops_the_pod(pod: dict) -> None:
+# -- stopping the pod: the deadline and the stop chain -------------------------------------------
+
+POD_KEY = "rpa_" + "K" * 40  # shaped like a RunPod key; must never reach a log
+
+
+class _PodActions(BaseHTTPRequestHandler):
+    """REST v2's `POST /v2/pods/{id}/action` as runpod/docs api-reference-v2/openapi.json (2026-08)
+    specifies it: bearer auth, a body of exactly {"action": <PodAction>} (additionalProperties
+    false), 200 with the pod, 401/422 as application/problem+json."""
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.requests.append((self.path, dict(self.headers), body))
+        match = re.fullmatch(r"/v2/pods/([^/]+)/action", self.path)
+        if self.headers.get("Authorization") != f"Bearer {POD_KEY}":
+            return self._reply(401, {"title": "Unauthorized", "status": 401, "detail": "missing bearer token"})
+        try:
+            request = json.loads(body)
+        except ValueError:
+            return self._reply(400, {"title": "Bad Request", "status": 400, "detail": "invalid JSON"})
+        if (not match or not isinstance(request, dict) or set(request) != {"action"}
+                or request["action"] not in ("start", "stop", "restart", "terminate")):
+            return self._reply(422, {"title": "Unprocessable Entity", "status": 422,
+                                     "detail": "Request validation failed."})
+        self._reply(200, {"id": match[1], "status": "EXITED", "env": {"HF_TOKEN": SECRET}})
+
+    def _reply(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json" if status == 200 else "application/problem+json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def rest() -> Iterator[ThreadingHTTPServer]:
+    """A loopback REST v2 endpoint; its `requests` lists (path, headers, body) as received."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _PodActions)
+    server.requests = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    server.url = f"http://127.0.0.1:{server.server_port}"
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _stopped(pod: dict, rest: ThreadingHTTPServer, mode: str) -> bool:
+    """Whether the way `mode` leaves to stop the pod was taken."""
+    if mode in ("both-fail", "absent"):
+        return bool(rest.requests)
+    return any(c.startswith("runpodctl " + ("pod stop" if mode == "ok" else "stop pod")) for c in _calls(pod))
+
+
+STOP_CHAIN = [  # FAKE_RUNPODCTL -> the runpodctl calls made and whether REST v2 was reached
+    ("ok", ["runpodctl pod stop abc123pod"], False),
+    ("v1-retired", ["runpodctl pod stop abc123pod", "runpodctl stop pod abc123pod"], False),
+    ("both-fail", ["runpodctl pod stop abc123pod", "runpodctl stop pod abc123pod"], True),
+    ("absent", [], True),
+]
+
+
+def _check_stop_chain(pod: dict, rest: ThreadingHTTPServer, runpodctl: list[str], via_rest: bool,
+                      out: str) -> None:
+    assert [c for c in _calls(pod) if c.startswith("runpodctl")] == runpodctl
+    if via_rest:
+        (path, headers, body), = rest.requests
+        assert path == "/v2/pods/abc123pod/action" and json.loads(body) == {"action": "stop"}
+        assert headers["Content-Type"] == "application/json"
+    else:
+        assert rest.requests == []
+    assert POD_KEY not in out and SECRET not in out  # neither the key nor the pod's env is echoed
+
+
+def _prepare_chain(pod: dict, rest: ThreadingHTTPServer, mode: str) -> dict[str, str]:
+    if mode == "absent":
+        (pod["bin"] / "runpodctl").unlink()
+    return {"FAKE_RUNPODCTL": mode, "RUNPOD_POD_ID": "abc123pod", "RUNPOD_API_KEY": POD_KEY,
+            "RUNPOD_API_BASE_URL": rest.url}
+
+
+@pytest.mark.parametrize(("mode", "runpodctl", "via_rest"), STOP_CHAIN)
+def test_a_deadline_in_the_past_stops_the_pod_through_the_stop_chain(
+        pod: dict, rest: ThreadingHTTPServer, mode: str, runpodctl: list[str], via_rest: bool) -> None:
+    env = _prepare_chain(pod, rest, mode)
+    proc = _spawn(pod, FAKE_HANG="1", RUN_DEADLINE=str(int(time.time()) - 60), **env)
+    deadline = time.monotonic() + 30
+    while not _stopped(pod, rest, mode):
+        assert proc.poll() is None and time.monotonic() < deadline, "the pod was not stopped"
+        time.sleep(0.05)
+    time.sleep(0.5)  # let the watcher log the outcome
+    status, out = _end(proc)  # RunPod's SIGTERM after the stop
+    assert status == 143
+    log = (pod["run_dir"] / "boot.log").read_text()
+    assert "deadline: RUN_DEADLINE reached (maxRuntimeHours)" in log and " accepted" in log
+    first = [line for line in log.splitlines() if " boot: " in line][:2]
+    assert "---- boot of experiment" in first[0] and "deadline: the pod stops at" in first[1]
+    _check_stop_chain(pod, rest, runpodctl, via_rest, out + log)
+
+
+def test_a_deadline_ahead_stops_the_pod_once_it_passes(pod: dict) -> None:
+    ends = int(time.time()) + 3
+    proc = _spawn(pod, FAKE_HANG="1", RUN_DEADLINE=str(ends), RUNPOD_POD_ID="abc123pod")
+    _wait_for_call(pod, "runpodctl pod stop abc123pod", proc)
+    _end(proc)
+    log = (pod["run_dir"] / "boot.log").read_text()
+    reached = next(line for line in log.splitlines() if "deadline: RUN_DEADLINE reached" in line)
+    stamp = time.mktime(time.strptime(reached[:20], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    assert stamp >= ends  # not a second early
+    assert time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ends)) in log  # announced at boot
+
+
+def test_a_bad_deadline_is_refused_and_the_pod_stopped(pod: dict) -> None:
+    proc = _spawn(pod, RUN_DEADLINE="72h", BOOT_HALT="stop", RUNPOD_POD_ID="abc123pod")
+    _wait_for_call(pod, "runpodctl pod stop abc123pod", proc)
+    status, out = _end(proc)
+    assert "RUN_DEADLINE='72h' must be Unix seconds" in out
+    assert not any(c.startswith(("orchestrate", "pip")) for c in _calls(pod))
+
+
+@pytest.mark.parametrize(("mode", "runpodctl", "via_rest"), STOP_CHAIN)
+def test_a_repository_that_cannot_be_fetched_stops_the_pod(
+        pod: dict, rest: ThreadingHTTPServer, mode: str, runpodctl: list[str], via_rest: bool) -> None:
     """The manifest's start command itself: no clone, no checkout, so no idle GPU either."""
     command = yaml.safe_load((BOOT.parent / "runpod-pod.yaml").read_text())["command"]
     env = {**pod["env"], "RUN_REPO": f"file://{pod['tmp']}/no-such-repo.git", "RUN_REF": "v1",
            "PODTRAIN_PROJECT": str(pod["tmp"] / "volume" / "transformer"),
-           "RUNPOD_POD_ID": "abc123pod"}
+           **_prepare_chain(pod, rest, mode)}
     proc = subprocess.Popen(["bash", "-c", command], env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    _wait_for_call(pod, "runpodctl pod stop abc123pod", proc)
+    deadline = time.monotonic() + 30
+    while not _stopped(pod, rest, mode):
+        assert proc.poll() is None and time.monotonic() < deadline, "the pod was not stopped"
+        time.sleep(0.05)
+    time.sleep(0.5)
     assert proc.poll() is None  # asleep until RunPod stops it: no exit, so no restart loop
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=20)
     assert "bootstrap: cannot fetch RUN_REPO or check out RUN_REF v1" in out
+    _check_stop_chain(pod, rest, runpodctl, via_rest, out)

@@ -241,6 +241,7 @@ def sample_documents(text_dirs: list[Path], sample_bytes: int, stats: dict[str, 
             raise TokenizerError(f"{path}: cannot read text shard: {exc.strerror or exc}") from None
         if batch:
             stats["documents"] += len(batch)
+            heartbeat.beat(stats["bytes"])
             yield batch
         left -= taken
 

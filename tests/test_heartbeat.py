@@ -13,8 +13,8 @@ import pytest
 from rich.console import Console
 
 from conftest import stdlib_documents, tiny_config
-from orchestrator.encode import encode_shards
-from orchestrator.tokenizer import prepare_tokenizer
+from orchestrator.tokenizer.bpe import prepare_tokenizer
+from orchestrator.tokenizer.encode import encode_shards
 from sharder.pipeline import ShardOptions, run_shard
 from training.config import validate_config
 from training.heartbeat import ENV, Heartbeat

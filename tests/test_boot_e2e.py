@@ -7,7 +7,7 @@ another URL, RUN_REF to a newer tag) resumes and matches the uninterrupted run's
 
 Stand-ins only for the GPU (`nvidia-smi`) and `runpodctl` (it records the stop). Everything else
 is real: `orchestrate`, `fineweb-sharder` and the trainer (from the clone: PYTHONPATH points at
-it), TensorBoard, git over smart HTTP (`git http-backend` behind a loopback server that demands
+it), TensorBoard (asleep in the spot test, whose 5 s grace it would eat into), git over smart HTTP (`git http-backend` behind a loopback server that demands
 the token, as a private GitHub repository does).
 """
 
@@ -130,7 +130,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     (stand_ins / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 81559 MiB'\n")
     (stand_ins / "runpodctl").write_text(
         '#!/bin/sh\necho "runpodctl $*" >> "$STOP_LOG"\necho \'{"desiredStatus": "EXITED"}\'\n')
-    for tool in stand_ins.iterdir():
+    quiet = tmp / "quiet-bin"  # the spot test's TensorBoard: asleep, so the real one's start-up
+    quiet.mkdir()              # takes no CPU from the trainer's 5 s grace on a small test machine
+    (quiet / "tensorboard").write_text("#!/bin/sh\nexec sleep 600\n")
+    for tool in [*stand_ins.iterdir(), *quiet.iterdir()]:
         tool.chmod(0o755)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _PrivateGit)
     server.root, server.seen = served, []
@@ -138,17 +141,19 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     try:
         yield {"tmp": tmp, "repo": f"http://127.0.0.1:{server.server_port}/podtrain.git",
                "moved": f"file://{moved}", "git": server, "corpus": corpus, "config": config,
-               "bin": stand_ins, "v1": _git(src, "rev-parse", "v1")}
+               "bin": stand_ins, "quiet": quiet, "v1": _git(src, "rev-parse", "v1")}
     finally:
         server.shutdown()
         server.server_close()
 
 
-def _env(world: dict, volume: Path, pod_id: str, ref: str, repo: str) -> dict[str, str]:
+def _env(world: dict, volume: Path, pod_id: str, ref: str, repo: str,
+         quiet: bool = False) -> dict[str, str]:
     """What RunPod gives the container: the shipped manifest's env (RUN_SHARD unset, a spot
     pod's grace), the knobs this test needs, and RunPod's own variables."""
     return {
-        "PATH": f"{world['bin']}:{Path(sys.executable).parent}:/usr/bin:/bin",
+        "PATH": ":".join([*([str(world["quiet"])] if quiet else []), str(world["bin"]),
+                          str(Path(sys.executable).parent), "/usr/bin", "/bin"]),
         "HOME": str(world["tmp"]), "PYTHONPATH": str(volume / "transformer"),
         "PODTRAIN_WORKSPACE": str(volume), "PODTRAIN_PROJECT": str(volume / "transformer"),
         "RUN_REPO": repo, "RUN_REF": ref, "GIT_TOKEN": GIT_TOKEN,
@@ -261,11 +266,14 @@ def test_a_preempted_spot_pod_resumes_and_matches_the_uninterrupted_losses(
     first_log, second_log = world["tmp"] / "spot1.log", world["tmp"] / "spot2.log"
 
     # Boot 1: SIGTERM in the middle of training (RunPod's spot preemption, 5 s before SIGKILL).
-    first = _start(_env(world, volume, "spot1", world["v1"], world["repo"]), first_log)
+    first = _start(_env(world, volume, "spot1", world["v1"], world["repo"], quiet=True), first_log)
     try:
         _wait("ten training steps", lambda: len(_losses(volume)) >= 10, first, first_log)
         first.send_signal(signal.SIGTERM)
-        status = first.wait(timeout=5)  # the grace RunPod gives before SIGKILL
+        try:
+            status = first.wait(timeout=5)  # the grace RunPod gives before SIGKILL
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the boot outlived RunPod's 5 s grace:\n{first_log.read_text()[-4000:]}")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(first.pid, signal.SIGKILL)
@@ -283,7 +291,7 @@ def test_a_preempted_spot_pod_resumes_and_matches_the_uninterrupted_losses(
     # Boot 2 on the same volume, the repository moved (a new RUN_REPO) and RUN_REF moved on to
     # v2: set-url, fetch, reuse, resume, finish, stop.
     started = time.monotonic()
-    second = _start(_env(world, volume, "spot2", "v2", world["moved"]), second_log)
+    second = _start(_env(world, volume, "spot2", "v2", world["moved"], quiet=True), second_log)
     try:
         _wait("the first resumed step", lambda: max(_losses(volume), default=0) > tags[-1],
               second, second_log)

@@ -571,3 +571,41 @@ def test_a_repository_that_cannot_be_fetched_stops_the_pod(
     out, _ = proc.communicate(timeout=20)
     assert "bootstrap: cannot fetch RUN_REPO or check out RUN_REF v1" in out
     _check_stop_chain(pod, rest, runpodctl, via_rest, out)
+
+
+def test_a_repository_url_with_a_password_is_refused_unprinted(pod: dict) -> None:
+    """The token belongs in GIT_TOKEN (a RunPod secret), never in RUN_REPO, where git would keep
+    it in .git/config on the volume."""
+    command = yaml.safe_load((BOOT.parent / "runpod-pod.yaml").read_text())["command"]
+    token = "ghp_" + "R" * 36
+    project = pod["tmp"] / "volume" / "transformer"
+    env = {**pod["env"], "RUN_REPO": f"https://x-access-token:{token}@github.com/o/r.git",
+           "RUN_REF": "main", "PODTRAIN_PROJECT": str(project), "RUNPOD_POD_ID": "abc123pod"}
+    proc = subprocess.Popen(["bash", "-c", command], env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_for_call(pod, "runpodctl pod stop abc123pod", proc)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=20)
+    assert "bootstrap: RUN_REPO carries a password: put the token in GIT_TOKEN" in out
+    assert token not in out and not project.exists()  # nothing cloned, nothing written
+
+
+def _manifest(pod: dict, complete: bool) -> None:
+    train = pod["root"] / "datasets" / "train" / "tiny-exp"
+    train.mkdir(parents=True)
+    (train / "manifest.json").write_text(json.dumps({"shards": [], "complete": complete}))
+
+
+@pytest.mark.parametrize(("shards", "sharded"), [(None, True), ("complete", False), ("partial", True)])
+def test_run_shard_auto_shards_unless_the_volume_has_complete_shards(pod: dict, shards: str | None,
+                                                                     sharded: bool) -> None:
+    env = dict(pod["env"])
+    del env["RUN_SHARD"]  # the shipped manifest leaves it unset
+    pod["env"] = env
+    if shards:
+        _manifest(pod, complete=shards == "complete")
+    result = _boot(pod)
+    assert result.returncode == 0, result.stdout
+    assert any(c.startswith("fineweb-sharder") for c in _calls(pod)) == sharded
+    assert ("stage shard: skipped (RUN_SHARD=auto)" in result.stdout) == (not sharded)

@@ -359,6 +359,13 @@ def _wait_for_call(pod: dict, call: str, proc: subprocess.Popen[str], seconds: f
         time.sleep(0.1)
 
 
+def _wait_for_log(pod: dict, text: str, proc: subprocess.Popen[str], seconds: float = 30) -> None:
+    log, deadline = pod["run_dir"] / "boot.log", time.monotonic() + seconds
+    while text not in (log.read_text() if log.exists() else ""):
+        assert proc.poll() is None and time.monotonic() < deadline, f"{text!r} never logged"
+        time.sleep(0.05)
+
+
 def test_the_watchdog_stops_a_hung_trainer_and_the_pod(pod: dict) -> None:
     proc = _spawn(pod, FAKE_HANG="1", BOOT_WATCHDOG_MINUTES="0.05", BOOT_HALT="stop",
                   RUNPOD_POD_ID="abc123pod")  # 3 s without a step
@@ -520,7 +527,7 @@ def test_a_deadline_in_the_past_stops_the_pod_through_the_stop_chain(
     while not _stopped(pod, rest, mode):
         assert proc.poll() is None and time.monotonic() < deadline, "the pod was not stopped"
         time.sleep(0.05)
-    time.sleep(0.5)  # let the watcher log the outcome
+    _wait_for_log(pod, " accepted", proc)
     status, out = _end(proc)  # RunPod's SIGTERM after the stop
     assert status == 143
     log = (pod["run_dir"] / "boot.log").read_text()
@@ -609,3 +616,21 @@ def test_run_shard_auto_shards_unless_the_volume_has_complete_shards(pod: dict, 
     assert result.returncode == 0, result.stdout
     assert any(c.startswith("fineweb-sharder") for c in _calls(pod)) == sharded
     assert ("stage shard: skipped (RUN_SHARD=auto)" in result.stdout) == (not sharded)
+
+
+def test_a_refused_deadline_stop_is_retried_until_it_is_accepted(pod: dict) -> None:
+    (pod["bin"] / "runpodctl").unlink()  # no way to stop the pod yet (and no RUNPOD_API_KEY)
+    proc = _spawn(pod, FAKE_HANG="1", RUN_DEADLINE=str(int(time.time()) - 1),
+                  RUNPOD_POD_ID="abc123pod", BOOT_STOP_RETRY_S="1")
+    _wait_for_log(pod, "stopping pod abc123pod failed; again in 1s", proc)
+    _write(pod["bin"] / "runpodctl", RUNPODCTL)  # the next round finds a way
+    _wait_for_log(pod, "stop: 'runpodctl pod stop abc123pod' accepted", proc)
+    _end(proc)
+
+
+def test_outside_runpod_the_deadline_ends_the_boot_as_a_stop_would(pod: dict) -> None:
+    proc = _spawn(pod, FAKE_HANG="1", RUN_DEADLINE=str(int(time.time()) - 1))  # no RUNPOD_POD_ID
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out
+    assert "deadline: no RUNPOD_POD_ID: ending the boot (SIGTERM) instead" in out
+    assert not (pod["run_dir"] / "BOOT_FAILED").exists()  # time is up: not a failure

@@ -1,7 +1,7 @@
 """The heartbeat boot.sh's watchdog reads: what one beat writes, that it costs at most one small
 write every few seconds, and that every long stage beats with its own progress (the sharder
-documents, the tokenizer sample and the encoder bytes, the trainer steps), run for real on small
-inputs with `Heartbeat.beat` spied on."""
+documents, the tokenizer sample and the encoder bytes, the trainer steps, sft prepare the rows it
+reads), run for real on small inputs with `Heartbeat.beat` spied on."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
+from typer.testing import CliRunner
 
 from conftest import stdlib_documents, tiny_config
+from orchestrator.sft.cli import app as sft_app
 from orchestrator.tokenizer.bpe import prepare_tokenizer
 from orchestrator.tokenizer.encode import encode_shards
 from sharder.pipeline import ShardOptions, run_shard
@@ -85,3 +87,14 @@ def test_every_long_stage_beats_with_its_progress(beats, byte_corpus, tmp_path: 
 
     out = train(validate_config(tiny_config(byte_corpus, tmp_path, num_steps=6, eval_every=100)))
     assert _rising(beats, "train", "steps") == list(range(1, out.step + 1)) and out.step == 6
+
+
+def test_sft_prepare_beats_with_the_rows_it_reads(beats, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(5)]
+    source = tmp_path / "alpaca.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(sft_app, ["prepare", "--stages", "instruct", "--no-hub", "--out", str(tmp_path / "sft"),
+                                          "--source", f"yahma/alpaca-cleaned={source}"])
+    assert result.exit_code == 0, result.output
+    assert _rising(beats, "sft-data", "rows") == [1, 2, 3, 4, 5]

@@ -41,8 +41,7 @@
 # Watchdog: every stage runs under it. Stages report progress to the heartbeat file RUN_HEARTBEAT
 # (runs/$RUN_EXPERIMENT/heartbeat; training/heartbeat.py): the sharder documents, the tokenizer
 # bytes, sft prepare rows, the trainer steps, pip its output lines; boot.sh beats at each stage's
-# start. A stage
-# whose heartbeat has not changed for its limit (BOOT_WATCHDOG_MINUTES_<STAGE>, e.g.
+# start. A stage whose heartbeat has not changed for its limit (BOOT_WATCHDOG_MINUTES_<STAGE>, e.g.
 # BOOT_WATCHDOG_MINUTES_SFT_DATA; defaults: install 20, prep 5, the others BOOT_WATCHDOG_MINUTES,
 # 30; 0 turns it off) gets SIGTERM (a trainer checkpoints when it can), its process group SIGKILL
 # BOOT_WATCHDOG_KILL_S (120) seconds later if it is still there; BOOT_FAILED names the stage and

@@ -171,3 +171,18 @@ def test_sigkill_during_an_async_write_leaves_the_previous_tag_whole(byte_corpus
     assert "step0000002 at step 2" in resumed.stdout
     assert not list(directory.glob(".tmp-*"))  # the killed write's temporaries are gone
     assert_close(losses(tmp_path), reference[1], range(1, 10))
+
+
+def test_a_sharded_tag_of_another_shape_names_the_first_tensor(byte_corpus, one_rank_fsdp, tmp_path) -> None:
+    cfg = config(byte_corpus, tmp_path, "none", 1, model__ffn__hidden_size=96)
+    with pytest.raises(ValueError, match=r"layers.0.mlp.gate_proj.weight has shape \[128, 64\] in the checkpoint but \[96, 64\]"):
+        train(validate_config(cfg), resume=str(one_rank_fsdp / "ckpt" / "step0000003.dcp"))
+
+
+def test_export_of_a_sharded_tag_says_to_consolidate(one_rank_fsdp) -> None:
+    from training.init import InitError
+    from training.inference import find_checkpoint
+
+    folder = str(one_rank_fsdp / "ckpt" / "step0000003.dcp")
+    with pytest.raises(InitError, match=f"a sharded \\(FSDP\\) tag; turn it into one file first: python -m training.consolidate {folder}"):
+        find_checkpoint(folder)

@@ -186,3 +186,19 @@ def test_export_of_a_sharded_tag_says_to_consolidate(one_rank_fsdp) -> None:
     folder = str(one_rank_fsdp / "ckpt" / "step0000003.dcp")
     with pytest.raises(InitError, match=f"a sharded \\(FSDP\\) tag; turn it into one file first: python -m training.consolidate {folder}"):
         find_checkpoint(folder)
+
+
+def test_a_damaged_shard_file_is_reported_and_the_previous_tag_used(one_rank_fsdp, tmp_path) -> None:
+    directory = tmp_path / "ckpt"
+    older = shutil.copytree(one_rank_fsdp / "ckpt" / "step0000003.dcp", directory / "step0000002.dcp")
+    state = torch.load(older / "state.pt", weights_only=True)
+    torch.save({**state, "step": 2}, older / "state.pt")  # the same shards, relabelled as an older tag
+    (older / "podtrain.json").write_text(json.dumps({"format": ckpt.FORMAT, "step": 2}))
+    shard = shutil.copytree(one_rank_fsdp / "ckpt" / "step0000003.dcp", directory / "step0000003.dcp") / "__0_0.distcp"
+    with open(shard, "r+b") as fh:
+        fh.truncate(shard.stat().st_size // 2)
+    warnings: list[str] = []
+    loaded = ckpt.find_latest(directory, warnings.append)
+    assert loaded is not None and loaded.tag == "step0000002"
+    assert len(warnings) == 1 and f"{shard}: {shard.stat().st_size} of " in warnings[0], warnings
+    assert warnings[0].endswith("bytes (checkpoint step0000003 is damaged)")

@@ -308,7 +308,26 @@ def read_sharded(directory: str | Path, tag: str) -> Loaded:
         raise CheckpointError(f"{folder}: not a {FORMAT} checkpoint")
     if meta.get("step") != state.get("step"):
         raise CheckpointError(f"{folder}: {SHARDED_META} (step {meta.get('step')}) and state (step {state.get('step')}) disagree")
+    _check_shard_files(folder, tag)
     return Loaded(tag, int(state["step"]), {}, state, config, sharded=folder)
+
+
+def _check_shard_files(folder: Path, tag: str) -> None:
+    """Every byte range DCP's ``.metadata`` points at exists: a damaged shard file is found here, while
+    ``--resume auto`` can still fall back to an older tag, not halfway through loading."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(folder)).read_metadata().storage_data or {}
+    except Exception as exc:  # a truncated or foreign pickle
+        raise CheckpointError(f"{folder / DCP_METADATA}: unreadable ({' '.join(str(exc).split())[:200]})") from None
+    ends: dict[str, int] = {}
+    for info in storage.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        size = (folder / name).stat().st_size if (folder / name).is_file() else 0
+        if size < end:
+            raise CheckpointError(f"{folder / name}: {size} of {end} bytes (checkpoint {tag} is damaged)")
 
 
 def load_tag(directory: str | Path, tag: str) -> Loaded:

@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from training import checkpoint as ckpt
-from training.sharded_checkpoint import MODEL, OPTIM
+from training.sharded_checkpoint import MODEL, OPTIM, failure
 
 
 def _nest(flat: dict[str, Any], paths: dict[str, tuple]) -> dict[str, Any]:
@@ -52,7 +53,10 @@ def consolidate(folder: Path, out_base: Path) -> ckpt.Snapshot:
     metadata = reader.read_metadata()
     flat = {key: torch.empty(meta.size, dtype=meta.properties.dtype) if isinstance(meta, TensorStorageMetadata) else None
             for key, meta in metadata.state_dict_metadata.items()}
-    dcp.load(flat, storage_reader=reader, no_dist=True)
+    try:
+        dcp.load(flat, storage_reader=reader, no_dist=True)
+    except (Exception, CheckpointException) as exc:
+        raise ckpt.CheckpointError(f"{folder}: unreadable shards ({failure(exc)})") from exc
     nested = _nest(flat, metadata.planner_data or {})
     state = {**header.state, "optimizer": nested[OPTIM]}
     snap = ckpt.Snapshot(out_base.name, header.step, nested[MODEL], state, header.config)

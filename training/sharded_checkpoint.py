@@ -34,6 +34,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
@@ -107,14 +108,25 @@ class ShardedWriter:
         self._future = self._pending = None
         try:
             future.result()
-        except Exception as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())[:300]
-            raise ckpt.CheckpointError(f"{self.directory}: could not write checkpoint {tag}: {reason}; "
+        except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+            if self.dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)  # every rank has stopped writing: DCP gathered their results
+            raise ckpt.CheckpointError(f"{self.directory}: could not write checkpoint {tag}: {failure(exc)}; "
                                        f"earlier checkpoints are untouched") from exc
         self.last_seconds = max(0.0, self._done_at - start)
         if self.dist.is_main:
             publish(self.directory, tmp, tag, aliases)
             self.after_write(tag)
+
+
+def failure(exc: BaseException) -> str:
+    """One line for a DCP failure: the first failing rank and its error (DCP's own text is every rank's traceback)."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        rank, (cause, _) = next(iter(sorted(exc.failures.items())))
+        return f"rank {rank}: {failure(cause)}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return " ".join(str(exc).split())[:300]
 
 
 def publish(directory: Path, tmp: Path, tag: str, aliases: list[str]) -> None:
@@ -150,7 +162,10 @@ def load_sharded(folder: Path, net: nn.Module, optimizer: torch.optim.Optimizer,
     Names and shapes are checked first (one line naming the first mismatch, the same on every rank)."""
     dist.check_weights(net, model_shapes(folder), tied, source=str(folder))
     state = train_state(net, optimizer, tied)
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), process_group=group)
+    try:
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), process_group=group)
+    except (Exception, CheckpointException) as exc:  # a truncated or missing shard file
+        raise ckpt.CheckpointError(f"{folder}: unreadable shards ({failure(exc)})") from exc
     set_state_dict(net, optimizer, model_state_dict=state[MODEL], optim_state_dict=state[OPTIM],
                    options=StateDictOptions(strict=not tied))
 

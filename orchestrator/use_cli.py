@@ -278,7 +278,7 @@ def export_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty OUT_DIR"),
 ) -> None:
     """Write a Hugging Face model folder: AutoModelForCausalLM / AutoTokenizer load it as is."""
-    from orchestrator.tokenizer_cli import parse_size
+    from orchestrator.tokenizer.cli import parse_size
     from training.hf import export
     from training.inference import find_checkpoint
 

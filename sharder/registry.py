@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sharder.errors import ShardError
+from sharder.source_config import SourceConfig
 from training.config import ConfigError, read_config_file
 
-if TYPE_CHECKING:
-    from sharder.recipe import SourceConfig
 
 SHIPPED_REGISTRY = Path(__file__).resolve().parents[1] / "configs" / "sources.yaml"
 REGISTRY_VERSION = 1
@@ -28,9 +27,8 @@ class Registry:
 
     entries: dict[str, dict[str, Any]]
 
-    def source(self, name: str, where: str) -> "SourceConfig":
+    def source(self, name: str, where: str) -> SourceConfig:
         """The SourceConfig of ``name``; unknown or script-only names are ShardErrors naming ``where``."""
-        from sharder.recipe import SourceConfig
 
         entry = self.entries.get(name)
         if entry is None:

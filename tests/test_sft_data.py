@@ -11,7 +11,7 @@ import pytest
 from datasets import Dataset
 from typer.testing import CliRunner
 
-from orchestrator.sft_cli import app
+from orchestrator.sft.cli import app
 from sharder.argv import spread_multi_value_flags
 
 GLAIVE_SYSTEM = ('SYSTEM: You are a helpful assistant with access to the following functions. Use them if required -\n'

@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from orchestrator.pipeline import Pipeline, PipelineOptions
-from orchestrator.sft_stages import parse_stages, split_overrides
+from orchestrator.sft.stages import parse_stages, split_overrides
 from orchestrator.stages import StageFailed
 
 ROOT = Path(__file__).resolve().parents[1]

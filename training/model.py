@@ -19,6 +19,8 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from training.config import ModelConfig
 from training.loss import linear_cross_entropy
+from training.mlp import MLP
+from training.moe import MoE, aux_loss, inactive_parameters
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
@@ -76,23 +78,6 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        hidden = cfg.ffn_hidden
-        self.swiglu = cfg.ffn.type in ("swiglu", "moe")  # MoE experts are SwiGLU MLPs of width expert_hidden_size
-        if self.swiglu:
-            self.gate_proj = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
-        self.up_proj = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
-        self.down_proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
-        self.down_proj.residual_projection = True  # type: ignore[attr-defined]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.swiglu:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
-
-
 class Block(nn.Module):
     """Pre-norm block; with ``parallel_layers`` attention and MLP read the same normed input (PaLM)."""
 
@@ -104,8 +89,6 @@ class Block(nn.Module):
         if not self.parallel:
             self.post_attention_layernorm = _norm(cfg)
         if cfg.ffn.type == "moe":
-            from training.moe import MoE  # moe builds on MLP: imported here, not at the top, to avoid a cycle
-
             self.mlp: nn.Module = MoE(cfg)
         else:
             self.mlp = MLP(cfg)
@@ -222,8 +205,6 @@ class Transformer(nn.Module):
             cache.length += T
         logits, loss = self.output(x, targets)
         if loss is not None and self.training and self.cfg.ffn.type == "moe":
-            from training.moe import aux_loss
-
             loss = loss + aux_loss(self)  # router load-balancing and z-loss: trained, not evaluated
         return logits, loss
 
@@ -357,8 +338,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, num_params: int) -> float:
     N excludes embedding lookups that do no matmul: learned positions, and the input table when untied;
     and for a mixture of experts the experts a token is not routed to (N is the active parameters).
     """
-    from training.moe import inactive_parameters
-
     n = num_params - inactive_parameters(cfg)
     if cfg.positional.type == "learned":
         n -= cfg.max_seq_len * cfg.d_model

@@ -9,7 +9,7 @@ documents, UTF-8 bytes and tokens, and, once for the directory, the tokenizer fi
 Why it is shaped this way:
 
 - Speed: the ids come from a tiktoken Encoding equivalent to the bundle's BPE
-  (``orchestrator.tiktoken_bpe``) once it has matched ``tokenizers`` on a sample of the shards
+  (``orchestrator.tokenizer.tiktoken_bpe``) once it has matched ``tokenizers`` on a sample of the shards
   being encoded; otherwise (or with ``engine="tokenizers"``) from ``encode_batch_fast``. Shards go
   to spawned worker processes (not forked: a fork after the parent used a tokenizer disables its
   thread pool), each writing its own shard in multi-megabyte sequential blocks; when there are
@@ -39,8 +39,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from orchestrator.tiktoken_bpe import IncompatibleTokenizer, build_encoding, first_mismatch
-from orchestrator.tokenizer import TokenizerBundle, TokenizerError
+from orchestrator.tokenizer.tiktoken_bpe import IncompatibleTokenizer, build_encoding, first_mismatch
+from training.tokenizer_bundle import TokenizerBundle, TokenizerError
 from sharder.manifest import Manifest, ManifestError, load_manifest
 from sharder.textshard import TextShardError, read_documents
 from training.atomic import atomic_write_json, read_versioned_json, remove_stale_temporaries

@@ -15,16 +15,29 @@ that starts from the previous stage's ``final`` checkpoint:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-from orchestrator.sft_cli import sft_dir
+from rich.console import Console
+
+from orchestrator.launch import PipelineError, TrainingExit, launch_training, training_summary
+from orchestrator.sft.cli import sft_dir
 from orchestrator.workspace import Layout
 from training.checkpoint import list_tags
 from training.config import SFT_STAGES, ConfigError, dump_config, load_config, read_config_file, validate_config
 from training.sft.records import STAGE_FILES
 
-if TYPE_CHECKING:
-    from orchestrator.pipeline import Pipeline
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What an SFT stage takes from the pipeline run (handed in, so this module never imports the pipeline)."""
+
+    layout: Layout
+    config_path: Path
+    overrides: list[str]
+    nproc: int | None
+    console: Console
 
 PIPELINE_STAGES = ("pretrain", *SFT_STAGES)
 INIT_KEY = "init_from"
@@ -72,21 +85,20 @@ def finished(checkpoints: Path, config: Path) -> bool:
     return any(tag == "final" and step >= target for step, tag in list_tags(checkpoints))
 
 
-def sft_stage_inputs(pipe: "Pipeline", stage: str, previous: dict[str, Any]) -> dict[str, Any]:
-    data = sft_dir(pipe.layout) / STAGE_FILES[stage]
+def sft_stage_inputs(ctx: StageContext, stage: str, previous: dict[str, Any]) -> dict[str, Any]:
+    data = sft_dir(ctx.layout) / STAGE_FILES[stage]
     ident = (str(data), data.stat().st_size, data.stat().st_mtime_ns) if data.exists() else str(data)
-    common, per_stage = split_overrides(pipe.opts.overrides)  # another stage's overrides do not redo this one
-    return {"previous": previous, "data": ident, "config": pipe.config_path.read_text(encoding="utf-8"),
+    common, per_stage = split_overrides(ctx.overrides)  # another stage's overrides do not redo this one
+    return {"previous": previous, "data": ident, "config": ctx.config_path.read_text(encoding="utf-8"),
             "overrides": common + per_stage[stage]}
 
 
-def run_sft_stage(pipe: "Pipeline", stage: str, previous_stage: str) -> dict[str, Any]:
+def run_sft_stage(ctx: StageContext, stage: str, previous_stage: str) -> dict[str, Any]:
     """Steps 1-4 above; returns the stage summary (the trainer's last throughput)."""
-    from orchestrator.pipeline import PipelineError, TrainingExit, launch_training, training_summary
     from training.sft.resize import resize_checkpoint
     from training.sft.template import TemplateError, write_chat_bundle
 
-    L = pipe.layout
+    L = ctx.layout
     data = sft_dir(L) / STAGE_FILES[stage]
     if not data.exists():
         raise PipelineError(f"{stage}: {data} missing; run orchestrate sft prepare --stages {stage} "
@@ -103,15 +115,15 @@ def run_sft_stage(pipe: "Pipeline", stage: str, previous_stage: str) -> dict[str
     if previous_stage == "pretrain":  # the first SFT stage: rows for the chat tokens
         base_vocab = chat.vocab_size - len(chat.ids)
         start = resize_checkpoint(prev_ckpt, "final", run / "init", chat.vocab_size, base_vocab, sorted(chat.ids.values()))
-    common, per_stage = split_overrides(pipe.opts.overrides)
-    raw = read_config_file(pipe.config_path)
+    common, per_stage = split_overrides(ctx.overrides)
+    raw = read_config_file(ctx.config_path)
     raw.pop("val_data", None)
     raw.update({"stage": stage, "train_data": str(data), "tokenizer_path": str(chat.directory),
                 "checkpoint_dir": str(run / "checkpoints"), "tensorboard_dir": str(run / "tensorboard"), INIT_KEY: str(start)})
     raw.setdefault("model", {})["vocab_size"] = max(chat.vocab_size, int(raw.get("model", {}).get("vocab_size", 0)))
-    cfg = validate_config(raw, str(pipe.config_path), common + per_stage[stage])
+    cfg = validate_config(raw, str(ctx.config_path), common + per_stage[stage])
     dump_config(cfg, run / "training.yaml")
-    code = launch_training(run / "training.yaml", pipe.opts.nproc, pipe.console)
+    code = launch_training(run / "training.yaml", ctx.nproc, ctx.console)
     if code != 0:
         raise TrainingExit(code)
     return training_summary(cfg)

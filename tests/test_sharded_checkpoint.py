@@ -179,13 +179,20 @@ def test_a_sharded_tag_of_another_shape_names_the_first_tensor(byte_corpus, one_
         train(validate_config(cfg), resume=str(one_rank_fsdp / "ckpt" / "step0000003.dcp"))
 
 
-def test_export_of_a_sharded_tag_says_to_consolidate(one_rank_fsdp) -> None:
-    from training.init import InitError
+def test_export_or_init_from_a_sharded_tag_says_to_consolidate(one_rank_fsdp, tmp_path) -> None:
+    from training.init import InitError, resolve_source
     from training.inference import find_checkpoint
 
-    folder = str(one_rank_fsdp / "ckpt" / "step0000003.dcp")
-    with pytest.raises(InitError, match=f"a sharded \\(FSDP\\) tag; turn it into one file first: python -m training.consolidate {folder}"):
-        find_checkpoint(folder)
+    folder = one_rank_fsdp / "ckpt" / "step0000003.dcp"
+    hint = f"a sharded \\(FSDP\\) tag; turn it into one file first: python -m training.consolidate {folder}"
+    for spec in (str(folder), str(folder.with_suffix(""))):
+        with pytest.raises(InitError, match=f"checkpoint {spec}: {hint}"):
+            find_checkpoint(spec)  # orchestrate evaluate, sample and export start here
+        with pytest.raises(InitError, match=f"init_from {spec}: {hint}"):
+            resolve_source(spec)
+    running = shutil.copytree(one_rank_fsdp / "ckpt", tmp_path / "ckpt", ignore=shutil.ignore_patterns("final.*", "best.*"))
+    with pytest.raises(InitError, match="the newest tag is sharded"):
+        resolve_source(str(running))  # a directory whose newest tag is sharded: never an older one silently
 
 
 def test_a_damaged_shard_file_is_reported_and_the_previous_tag_used(one_rank_fsdp, tmp_path) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from training.checkpoint import DCP_SUFFIX
 from training.config import ConfigError, TrainConfig, validate_config
 from training.init import InitError, resolve_source
 from training.model import Transformer
@@ -34,9 +33,6 @@ class Checkpoint:
 
 def find_checkpoint(spec: str) -> tuple[Path, dict]:
     """(tag base path, config dict) of ``spec``, or one line naming what is missing."""
-    if spec.rstrip("/").endswith(DCP_SUFFIX) and Path(spec).is_dir():
-        raise InitError(f"checkpoint {spec}: a sharded (FSDP) tag; turn it into one file first: "
-                        f"python -m training.consolidate {spec}")
     source = resolve_source(spec, "checkpoint")
     if source.kind != "podtrain":
         if not Path(spec).is_dir():

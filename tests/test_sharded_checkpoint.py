@@ -103,13 +103,14 @@ def test_consolidate_gives_what_one_process_saved(one_rank_fsdp, reference, tmp_
     assert mine.state["scheduler"] == theirs.state["scheduler"] and mine.state["loader"] == theirs.state["loader"]
 
 
-def test_consolidate_names_a_folder_that_is_not_a_tag(tmp_path) -> None:
+def test_consolidate_names_a_folder_that_is_not_a_tag(tmp_path, capsys) -> None:
+    from training.consolidate import main
+
     (tmp_path / "x.dcp").mkdir()
-    proc = subprocess.run([sys.executable, "-m", "training.consolidate", str(tmp_path / "x.dcp")],
-                          capture_output=True, text=True, env=ENV, timeout=60)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert f"{tmp_path / 'x.dcp' / 'podtrain.json'}: missing (checkpoint x is incomplete)" in proc.stderr
-    assert not list(tmp_path.glob("x.*.*"))  # nothing written
+    assert main([str(tmp_path / "x.dcp")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'x.dcp' / 'podtrain.json'}: missing (checkpoint x is incomplete)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.dcp"]  # nothing written
 
 
 def test_an_unpublished_or_torn_folder_is_never_a_resume_point(one_rank_fsdp, tmp_path) -> None:

@@ -230,3 +230,21 @@ def test_publish_renames_whole_links_aliases_and_swaps_an_existing_tag(tmp_path,
     assert (tmp_path / "step0000003.dcp" / "__0_0.distcp").read_bytes() == b"old"
     assert exchanged == ["best.dcp"]  # the second best replaced the first in one step
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.dcp", "step0000003.dcp", "step0000006.dcp"]
+
+
+def test_keep_last_n_prunes_sharded_step_folders(tmp_path) -> None:
+    for step in (1, 2, 3):
+        folder = tmp_path / f"{ckpt.step_tag(step)}.dcp"
+        folder.mkdir()
+        (folder / "podtrain.json").write_text(json.dumps({"format": ckpt.FORMAT, "step": step}))
+    (tmp_path / "best.dcp").mkdir()
+    (tmp_path / "best.dcp" / "podtrain.json").write_text(json.dumps({"format": ckpt.FORMAT, "step": 1}))
+    assert ckpt.prune(tmp_path, 2, protect={ckpt.step_tag(3)}) == [ckpt.step_tag(1)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.dcp", "step0000002.dcp", "step0000003.dcp"]
+
+
+def test_resume_names_a_sharded_tag_three_ways(one_rank_fsdp) -> None:
+    directory = one_rank_fsdp / "ckpt"
+    for spec in (str(directory / "step0000003.dcp"), str(directory / "step0000003"), "step0000003"):
+        loaded = ckpt.resolve_resume(spec, directory, pytest.fail)
+        assert loaded is not None and loaded.sharded == directory / "step0000003.dcp" and loaded.step == 3, spec

@@ -33,6 +33,9 @@ class _Strict(BaseModel):
 class AttentionConfig(_Strict):
     n_heads: int = Field(8, ge=1)
     n_kv_heads: int | None = Field(None, ge=1, description="GQA/MQA key-value heads; None = n_heads")
+    impl: Literal["auto", "flex", "sdpa"] = Field(
+        "auto", description="packed examples (doc_ids): flex = FlexAttention with a document-causal BlockMask, "
+                            "sdpa = SDPA with a dense (B,1,T,T) mask; auto = flex on CUDA, sdpa elsewhere")
 
 
 class PositionalConfig(_Strict):

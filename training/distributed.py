@@ -5,9 +5,10 @@ step reads the same on one CPU and on 64 GPUs. Settings come from the torchrun e
 (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``), so multi-node
 ``torchrun --nnodes`` needs no code change.
 
-Checkpoints are always *full* state dicts keyed by parameter name
-(``torch.distributed.checkpoint.state_dict``): FSDP shards are gathered on save and re-sharded
-on load, which is what lets a checkpoint written by 2 ranks resume on 1 and the other way round.
+The single-file checkpoints (``final``, and every tag of a DDP or one-process run) are *full*
+state dicts keyed by parameter name (``torch.distributed.checkpoint.state_dict``): FSDP shards are
+gathered on save and re-sharded on load. FSDP's step and ``best`` tags are sharded instead
+(training/sharded_checkpoint.py). Either kind written by 2 ranks resumes on 1 and the other way round.
 """
 
 from __future__ import annotations

@@ -52,7 +52,10 @@ def local_folder(location: str, spec: str) -> Path:
 
         return Path(snapshot_download(location, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
     except Exception as exc:  # offline, unknown repo, gated: huggingface_hub raises several types
-        detail = " ".join(str(exc).split())[:200]
+        from huggingface_hub import constants
+
+        detail = ("not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 keeps the hub from being asked"
+                  if constants.HF_HUB_OFFLINE else " ".join(str(exc).split())[:200])
         raise HFError(f"init_from {spec}: not a local checkpoint or folder, and not fetched from the Hugging Face hub ({detail})") from None
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from sharder.errors import ShardError
+from training.hub import unreachable_reason
 from training.jsonl import describe_bad_line
 
 if TYPE_CHECKING:
@@ -341,6 +342,8 @@ def load_source(spec: SourceSpec, cache_dir: str, token: str | None) -> "Iterabl
     """``spec`` as a raw streaming `datasets` IterableDataset; failures are one-line ShardErrors."""
     from datasets import load_dataset
 
+    if spec.kind == "hub" and (reason := unreachable_reason()) is not None:
+        raise ShardError(f"{spec.flag}: cannot reach the Hugging Face Hub: {reason}")
     try:
         if spec.kind == "hub":
             dataset = load_dataset(

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from training.hub import unreachable_reason
 from training.jsonl import describe_bad_line
 from training.sft.records import RecordError, tool_call_text
 
@@ -262,6 +263,8 @@ def iter_rows(source: Source, local: dict[str | None, str] | None = None, limit:
                 continue
             dataset = _load_local(Path(path), cache_dir)
         else:
+            if (reason := unreachable_reason()) is not None:
+                raise ValueError(f"{source.name}: cannot reach the Hugging Face Hub: {reason}")
             dataset = load_dataset(source.name, config, split=source.split, cache_dir=cache_dir)
         if limit is not None:
             dataset = dataset.select(range(min(limit, len(dataset))))

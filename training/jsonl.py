@@ -22,7 +22,7 @@ def first_bad_line(path: str | Path) -> tuple[int, str] | None:
             if not line.strip():
                 continue
             try:
-                json.loads(line)
+                json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
                 found = number, f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
                 break

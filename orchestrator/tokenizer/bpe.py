@@ -67,11 +67,11 @@ def prepare_tokenizer(
     A bundle trained on other shards or settings is refused rather than silently reused.
     """
     bundle_dir = Path(bundle_dir)
-    check_tokenizer_choice(None, vocab_size)
     if tokenizer_json is not None:
         bundle = _import(Path(tokenizer_json), bundle_dir, vocab_size)
         _say(console, f"tokenizer: imported {tokenizer_json} -> {bundle_dir} (vocab {bundle.vocab_size})")
         return bundle, "imported"
+    check_tokenizer_choice(None, vocab_size)
 
     manifest_fp = manifests_fingerprint(text_dirs)
     settings = {
@@ -227,10 +227,10 @@ def _sample_progress(console, total: int, stats: dict[str, int]):
 def check_tokenizer_choice(tokenizer_json: Path | None, vocab_size: int) -> None:
     """What :func:`prepare_tokenizer` would refuse, checked without writing anything: orchestrate
     calls it when it plans, before any stage (a bad --tokenizer-json must not wait for sharding)."""
-    if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
-        raise TokenizerError(f"vocab_size={vocab_size} is too small for a byte-level BPE (at least 259)")
     if tokenizer_json is not None:
         _read_import(Path(tokenizer_json), vocab_size)
+    elif vocab_size < 256 + len(SPECIAL_TOKENS) + 1:  # training one: every byte, the special tokens and a merge
+        raise TokenizerError(f"vocab_size={vocab_size} is too small for a byte-level BPE (at least 259)")
 
 
 def _import(source: Path, bundle_dir: Path, vocab_size: int) -> TokenizerBundle:

@@ -144,3 +144,26 @@ def test_unresolvable_hub_is_one_line_without_retries(tmp_path) -> None:
     assert one_line(proc.stderr) == ("orchestrate: error: stage shard failed: --input hf:nosuch/thing: cannot reach the "
                                      "Hugging Face Hub: nonexistent.invalid does not resolve (Name or service not known); "
                                      "is the network up? (HF_HUB_OFFLINE=1 reads the local cache only)")
+
+
+# 10. an encode worker stopped after its error: no "Exception ignored in atexit callback" traceback ------
+WORKER = """\
+import atexit, multiprocessing as mp, os, signal, time
+from orchestrator.tokenizer.encode import _Task, _worker_main
+todo, events = mp.Queue(), mp.Queue()
+todo.put(_Task("/nonexistent/shard_00000.txt", "/nonexistent/shard_00000.tok", "/nonexistent/bundle", "tokenizers", 1))
+todo.put(None)
+# what the parent does on the error: SIGTERM every worker, which may be in its exit handlers by then
+atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(5)))
+_worker_main(todo, events, os.getppid())
+print(events.get(timeout=30)[0], flush=True)
+"""
+
+
+def test_encode_worker_stopped_while_exiting_prints_nothing() -> None:
+    import signal
+
+    proc = subprocess.run([sys.executable, "-c", WORKER], env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "error"
+    assert proc.stderr == ""  # was: Exception ignored in atexit callback ... SystemExit: 143
+    assert proc.returncode == -signal.SIGTERM

@@ -3,6 +3,7 @@ nothing damaged saved. The helpers are tests/test_bad_inputs.py's."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -207,3 +208,20 @@ def test_rank_agreement_in_one_process_raises_the_error_itself() -> None:
     assert one.agree(lambda: 5) == 5
     with pytest.raises(ValueError, match="^boom$"):
         one.agree(lambda: (_ for _ in ()).throw(ValueError("boom")))
+
+
+# 8. the printed train command is shell-quoted: pasted into a shell, it runs the same command ------------
+@pytest.mark.slow  # two trainer processes (a torch import each): ~10 s on a free machine, more on a shared one
+def test_printed_train_command_runs_when_pasted(tmp_path) -> None:
+    from rich.console import Console
+
+    from orchestrator.launch import launch_training
+
+    config = tmp_path / "my runs" / "training.yaml"  # a space in the path, as in "My Drive"
+    printed = io.StringIO()
+    assert launch_training(config, 1, Console(file=printed, width=500)) == 2
+    line = printed.getvalue().strip()
+    assert line.startswith("[stage] train: ")
+    pasted = subprocess.run(["sh", "-c", line.removeprefix("[stage] train: ")], env=ENV, capture_output=True, text=True, timeout=120)
+    assert pasted.returncode == 2
+    assert one_line(pasted.stderr) == f"train: error: {config}: config file not found"

@@ -219,7 +219,8 @@ class Pipeline:
                 raise PipelineError(message if message.startswith("--data") else f"--data {self.recipe.path}: {message}") from None
         if self.pretrain and STAGE_NAMES.index(o.stop_after) >= STAGE_NAMES.index("tokenizer"):
             try:
-                check_tokenizer_choice(Path(o.tokenizer_json) if o.tokenizer_json else None, self.base_config.model.vocab_size)
+                tokenizer_json = self.tokenizer_json()
+                check_tokenizer_choice(Path(tokenizer_json) if tokenizer_json else None, self.base_config.model.vocab_size)
             except TokenizerError as exc:
                 raise PipelineError(f"{exc} (model.vocab_size of {self.config_path})") from None
         check_sft_inputs(self.layout, o.stages, o.overrides)
@@ -312,12 +313,18 @@ class Pipeline:
             run_curate(L.val_text, val, self.recipe.curate, self.console)
         return {"result": f"{summary['input']:,} -> {summary['output']:,} train documents", "throughput": summary["throughput"]}
 
+    def tokenizer_json(self) -> str | None:
+        """The tokenizer.json to import: --tokenizer-json, or one placed by hand in the bundle folder (seed layout)."""
+        L = self.layout
+        if self.opts.tokenizer_json is None and (L.tokenizer / TOKENIZER_FILE).exists() and not (L.tokenizer / META_FILE).exists():
+            return str(L.tokenizer / TOKENIZER_FILE)
+        return self.opts.tokenizer_json
+
     def tokenizer_stage(self, changed: bool) -> dict[str, Any]:
         L, o = self.layout, self.opts
         train_text, val_text = self.text_dirs()
-        tokenizer_json = o.tokenizer_json
-        if tokenizer_json is None and (L.tokenizer / TOKENIZER_FILE).exists() and not (L.tokenizer / META_FILE).exists():
-            tokenizer_json = str(L.tokenizer / TOKENIZER_FILE)  # a tokenizer.json placed by hand (seed layout)
+        tokenizer_json = self.tokenizer_json()
+        if tokenizer_json is not None and o.tokenizer_json is None:
             self.console.print(f"[stage] tokenizer: importing the tokenizer.json found in {L.tokenizer}", markup=False)
         if changed and tokenizer_json is None and (L.tokenizer / META_FILE).exists():
             aside = L.tokenizer.with_name(L.tokenizer.name + ".previous")

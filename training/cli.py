@@ -115,6 +115,7 @@ def main_command(
     except RankError as exc:  # agreed across ranks: printed once, by the rank that knows
         if exc.speaks:
             print(f"train: error: {exc}", file=sys.stderr, flush=True)
+        exc.said()
         raise typer.Exit(EXIT_USAGE) from None
     except (ValueError, NoSuchCheckpoint) as exc:  # config, data (DataError, TokenShardError), flags
         _fail(str(exc), EXIT_USAGE)

@@ -38,11 +38,16 @@ T = TypeVar("T")
 
 class RankError(ValueError):
     """An error some ranks hit and every rank raises (:meth:`Dist.agree`); ``speaks`` on exactly one
-    rank per distinct message, so each failure is printed once, by a rank that knows it."""
+    rank per distinct message, so each failure is printed once, by a rank that knows it.
 
-    def __init__(self, message: str, speaks: bool) -> None:
+    ``said()`` is called by every rank once the speaker has printed: it waits for all of them, so no
+    rank exits (and has torchrun stop the speaker) before the line is out.
+    """
+
+    def __init__(self, message: str, speaks: bool, said: Callable[[], None] = lambda: None) -> None:
         super().__init__(message)
         self.speaks = speaks
+        self.said = said
 
 
 def resolve_device(spec: str, local_rank: int) -> torch.device:
@@ -172,10 +177,11 @@ class Dist:
         if all(m is None for m in messages):
             return value  # type: ignore[return-value]
         if error is None:
-            raise RankError("another rank failed", speaks=False)
+            raise RankError("another rank failed", speaks=False, said=self.slow_barrier)
         mine = str(error)
         shared = all(m == mine for m in messages)
-        raise RankError(mine if shared else f"rank {self.rank}: {mine}", speaks=messages.index(mine) == self.rank)
+        raise RankError(mine if shared else f"rank {self.rank}: {mine}", speaks=messages.index(mine) == self.rank,
+                        said=self.slow_barrier)
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (small Python values: resume metadata, an error line)."""

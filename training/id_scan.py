@@ -4,9 +4,10 @@ The loader checks a shard when it first reads from it (``TokenStream.read_rows``
 for a shard the run reaches after hours: on a GPU an id past the embedding is a device-side assert
 at that point, on a CPU a short run may never read it and exit 0. So the trainer starts this scan
 next to the first step: it walks every shard of ``train_data`` and ``val_data`` (a max per
-memory-mapped chunk, about 1 GB/s per core, docs/performance.md) while training runs, and the
-loop, which looks at :attr:`IdScan.error` once per step, stops with one line naming the file and
-the id. Shards the scan has cleared are marked in the stream, so the loader does not read them twice.
+memory-mapped chunk, 2.6 GB/s per core from the page cache: docs/performance.md) while training
+runs, and the loop, which looks at :attr:`IdScan.failed` once per step, stops with one line naming
+the file and the id. Shards the scan has cleared are marked in the stream, so the loader does not
+check them again.
 """
 
 from __future__ import annotations

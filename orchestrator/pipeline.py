@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,9 @@ class PipelineOptions:
     validation: list[str] = field(default_factory=list)
     experiment: str | None = None
     train_shard_lines: int = 250_000
-    shard: bool = True  # False: reuse the shard folders as they are (--reuse-shards, RUN_SHARD=0)
+    # False: reuse the shard folders as they are (--reuse-shards, RUN_SHARD=0); None (RUN_SHARD=auto):
+    # shard when there are inputs (or a recipe), else reuse the experiment's shards when it has some
+    shard: bool | None = True
     tokenizer_json: str | None = None
     config: str | None = None
     workspace: Path | None = None
@@ -191,6 +193,8 @@ class Pipeline:
         except ConfigError as exc:
             raise PipelineError(str(exc)) from None
         self.recipe = _load_recipe(opts)
+        if opts.shard is None:  # auto: a copy, so the caller's options keep saying auto
+            self.opts = opts = replace(opts, shard=bool(opts.inputs or opts.data) or not _has_shards(self.layout.train_text))
         self.pretrain = "pretrain" in opts.stages
         if self.pretrain and opts.shard and not opts.inputs and self.recipe is None:
             raise PipelineError("--input: required to shard (or pass --reuse-shards / RUN_SHARD=0 to use existing shards)")

@@ -34,6 +34,7 @@ from training.config import TrainConfig
 from training.data import BatchLoader, Prefetcher, TokenStream, iter_eval_batches, resolve_shards
 from training.distributed import Dist, setup
 from training.evaluate import mean_loss, perplexity
+from training.heartbeat import Heartbeat
 from training.id_scan import IdScan
 from training.metrics import RunLog, compile_report, device_peak_flops, mfu, system_telemetry, trim_metrics
 from training.model import build_meta_model, count_parameters, flops_per_token
@@ -229,6 +230,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
         return time.perf_counter() - t0
 
     bad_steps, first_step = 0, True
+    heartbeat = Heartbeat("train", "steps", enabled=dist.is_main)  # boot.sh's watchdog: a step is progress
     window_start, window_tokens, window_excluded = time.perf_counter(), 0, 0.0
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     net.train()
@@ -256,6 +258,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                 scaler.update()
                 scheduler.step()
                 step, bad_steps = step + 1, 0
+                heartbeat.beat(step)
                 tokens_seen += tokens_per_step
                 window_tokens += tokens_per_step
             else:

@@ -36,6 +36,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from sharder.manifest import ManifestError, load_manifest
 from sharder.textshard import TextShardError, read_documents
 from training.atomic import atomic_write_bytes, atomic_write_json
+from training.heartbeat import Heartbeat
 from training.tokenizer_bundle import (
     EOT_TOKEN, META_FILE, PAD_TOKEN, SPECIAL_TOKENS, TOKENIZER_FILE, TokenizerBundle, TokenizerError, configure_parallelism,
 )
@@ -131,6 +132,7 @@ def sample_documents(text_dirs: list[Path], sample_bytes: int, stats: dict[str, 
     except ManifestError as exc:
         raise TokenizerError(str(exc)) from None
     left = sample_bytes
+    heartbeat = Heartbeat("tokenizer", "bytes sampled")  # boot.sh's watchdog (the merges that follow are not tracked)
     for i, path in enumerate(paths):
         budget = left // (len(paths) - i)
         taken = 0
@@ -145,6 +147,7 @@ def sample_documents(text_dirs: list[Path], sample_bytes: int, stats: dict[str, 
                 batch.append(doc)
                 if len(batch) == _BATCH_DOCS:
                     stats["documents"] += len(batch)
+                    heartbeat.beat(stats["bytes"])
                     yield batch
                     batch = []
         except TextShardError as exc:  # already names the file and line
@@ -153,6 +156,7 @@ def sample_documents(text_dirs: list[Path], sample_bytes: int, stats: dict[str, 
             raise TokenizerError(f"{path}: cannot read text shard: {exc.strerror or exc}") from None
         if batch:
             stats["documents"] += len(batch)
+            heartbeat.beat(stats["bytes"])
             yield batch
         left -= taken
 

@@ -44,6 +44,7 @@ from training.tokenizer_bundle import TokenizerBundle, TokenizerError
 from sharder.manifest import Manifest, ManifestError, load_manifest
 from sharder.textshard import TextShardError, read_documents
 from training.atomic import atomic_write_json, read_versioned_json, remove_stale_temporaries
+from training.heartbeat import Heartbeat
 from training.token_shards import TOKEN_SUFFIX, TokenShardError, TokenShardWriter, dtype_for_vocab, read_header
 
 MANIFEST_NAME = "manifest.json"
@@ -450,6 +451,7 @@ class _EncodeProgress:
         self.progress = None
         self.tokens = self.bytes = 0
         self.start = time.perf_counter()
+        self.heartbeat = Heartbeat("encode", "bytes")  # boot.sh's watchdog: bytes encoded are progress
 
     def __enter__(self) -> "_EncodeProgress":
         if self.console is not None:
@@ -467,6 +469,7 @@ class _EncodeProgress:
     def advance(self, documents: int, n_bytes: int, tokens: int) -> None:
         self.tokens += tokens
         self.bytes += n_bytes
+        self.heartbeat.beat(self.bytes)
         if self.progress is not None:
             dt = max(time.perf_counter() - self.start, 1e-9)
             rate = f"{self.tokens / dt / 1e6:,.2f} M tok/s  {self.bytes / dt / 1e6:,.1f} MB/s"

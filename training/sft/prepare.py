@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from training.atomic import atomic_path, atomic_write_json, remove_stale_temporaries
+from training.heartbeat import Heartbeat
 from training.sft.records import STAGE_FILES, STAGE_OF_KIND, STAGES, RecordError, record_kind, to_messages
 from training.sft.sources import SOURCES, Source, find_source, find_source_error, iter_rows
 
@@ -112,9 +113,11 @@ def _convert_source(source: Source, opts: PrepareOptions, cap: int | None, part:
     local = opts.local.get(source.name)
     configs = source.configs if local is None else [c for c in source.configs if c in local or (None in local and len(source.configs) == 1)]
     per_config = None if cap is None else math.ceil(cap / max(1, len(configs)))
+    heartbeat = Heartbeat("sft-data", "rows")  # boot.sh's watchdog: a hub stream that stalls is a hang
     with atomic_path(part) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for label, row, data in iter_rows(source, local, per_config, opts.cache_dir):
             report.rows += 1
+            heartbeat.beat(report.rows)
             try:
                 record = source.convert(data)
                 to_messages(record)  # the converter's output must be a valid canonical record

@@ -59,18 +59,37 @@ class Checkpointer:
             dist.strategy == "fsdp" if sharded is None else sharded) else None
         self.save_cost: float | None = None  # seconds the last save took, gather and write
         self.last_save = time.monotonic()
+        self.last_saved = True  # False when the last save was refused: the weights were not finite
+
+    def weights_finite(self, net: torch.nn.Module) -> bool:
+        """Every rank's (local shard of the) weights is free of NaN and inf, agreed across ranks."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in net.parameters()]
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in local]).all()) if local else True
+        (broken,) = self.dist.any_flag(not finite)
+        return not broken
 
     def save(self, tags: list[str], step: int, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             state: dict[str, Any], rng: dict[str, Any], block: bool = False) -> None:
-        """Write ``tags[0]`` (the rest become links to it); ``block`` waits for the write (final, stop)."""
+             state: dict[str, Any], rng: dict[str, Any], block: bool = False) -> bool:
+        """Write ``tags[0]`` (the rest become links to it); ``block`` waits for the write (final, stop).
+
+        Weights holding NaN or inf are never written (a resume from them could only diverge again,
+        and ``best`` or ``final`` would name garbage): the previous checkpoints stay as they are, a
+        warning says so, and False is returned.
+        """
         t0 = time.monotonic()
+        self.last_saved = self.weights_finite(net)
+        if not self.last_saved:
+            newest = next((tag for _, tag in ckpt.list_tags(self.directory)), None)
+            self.warn(f"step {step}: the weights hold NaN or inf; {', '.join(tags)} not written, "
+                      + (f"the newest checkpoint {self.directory / newest} is kept" if newest else "no earlier checkpoint exists"))
+            return False
         if self.sharded is not None:
             if "final" not in tags:
                 full = {**state, "rng": self.dist.gather_objects(rng)}
                 self.sharded.save(tags[0], tags[1:], step, net, optimizer, self.tied, full, self.config, block)
                 self.save_cost = time.monotonic() - t0 + self.sharded.last_seconds
                 self.last_save = time.monotonic()
-                return
+                return True
             self.sharded.wait()
         if self.dist.is_main:
             self.writer.wait()
@@ -83,6 +102,7 @@ class Checkpointer:
         del full, weights
         self.save_cost = time.monotonic() - t0 + self.writer.last_seconds
         self.last_save = time.monotonic()
+        return True
 
     def poll(self) -> None:
         self.writer.poll()

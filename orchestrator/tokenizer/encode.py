@@ -353,9 +353,22 @@ class _Workers:
 
 
 def _worker_main(todo, events, parent_pid: int) -> None:
-    """Encode shards from ``todo`` until a None arrives; report progress, results and errors."""
+    """Encode shards from ``todo`` until a None arrives; report progress, results and errors.
+
+    Once the loop is left, SIGTERM kills again: the parent stops every worker after an error, and a
+    SystemExit raised inside the interpreter's exit handlers (the queue's flush) printed an
+    "Exception ignored in atexit callback" traceback before the error's one line.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us...
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # ...with SIGTERM, which unwinds the shard writer
+    try:
+        _work(todo, events, parent_pid)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _work(todo, events, parent_pid: int) -> None:
+    """The loop of :func:`_worker_main`: one task at a time, the first error reported and the worker done."""
     loaded: dict[tuple[str, str, int], tuple[TokenizerBundle, Callable[[list[str]], list[list[int]]]]] = {}
     while (task := todo.get()) is not None:
         try:

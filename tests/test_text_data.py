@@ -236,3 +236,15 @@ def test_train_cli_with_seed003_keys(gpt2_folder, parquet_corpus, tmp_path) -> N
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (tmp_path / "ckpt" / "final.safetensors").is_file()
+
+
+def test_a_list_pools_folders_and_globs_and_kinds_do_not_mix(parquet_corpus, tmp_path) -> None:
+    kind, paths = resolve_inputs([str(parquet_corpus["val"]), str(parquet_corpus["train"] / "shard_0000[12].parquet")])
+    assert kind == "text" and [p.name for p in paths] == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet"]
+    assert paths[0].parent.name == "val"
+    (tmp_path / "a.tok").write_bytes(b"")
+    with pytest.raises(DataError, match="train_data: mixes token shards and text files"):
+        resolve_inputs([str(tmp_path / "a.tok"), str(parquet_corpus["val"])])
+    (tmp_path / "notes.md").write_text("x")
+    with pytest.raises(DataError, match="notes.md is neither token shards .* nor text"):
+        resolve_inputs(str(tmp_path / "notes.md"))

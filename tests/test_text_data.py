@@ -248,3 +248,14 @@ def test_a_list_pools_folders_and_globs_and_kinds_do_not_mix(parquet_corpus, tmp
     (tmp_path / "notes.md").write_text("x")
     with pytest.raises(DataError, match="notes.md is neither token shards .* nor text"):
         resolve_inputs(str(tmp_path / "notes.md"))
+
+
+@pytest.mark.slow
+def test_two_ranks_on_text_match_one_process(gpt2_folder, parquet_corpus, tmp_path) -> None:
+    """torchrun (gloo, DDP): each rank keeps its rows of the global block, so the losses are one process's."""
+    from test_distributed import assert_close, launch, losses, write_config
+
+    text = dict(tokenizer_path=str(gpt2_folder), model__vocab_size=VOCAB)
+    launch(write_config(parquet_corpus, tmp_path / "one", "none", **text), "none")
+    launch(write_config(parquet_corpus, tmp_path / "two", "ddp", **text), "ddp", timeout=300)
+    assert_close(losses(tmp_path / "one"), losses(tmp_path / "two"), range(1, 7))

@@ -234,6 +234,8 @@ def test_train_from_parquet_resumes_exactly(gpt2_folder, parquet_corpus, tmp_pat
     assert {**first.losses, **second.losses} == straight.losses  # the same tokens, bit for bit in float32
     assert second.val_losses[6] == straight.val_losses[6]
     assert straight.val_losses[6] < straight.val_losses[0]
+    rows = [json.loads(line) for line in (tmp_path / "a" / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["data_wait"] <= 1.0 for r in rows if "loss" in r)  # share of each log window spent waiting for batches
 
 
 def test_train_cli_with_seed003_keys(gpt2_folder, parquet_corpus, tmp_path) -> None:

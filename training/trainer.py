@@ -31,11 +31,12 @@ from training import checkpoint as ckpt
 from training import init
 from training.checkpointer import Checkpointer
 from training.config import TrainConfig
-from training.data import BatchLoader, Prefetcher, TokenStream, iter_eval_batches, resolve_shards
+from training.data import Prefetcher, TokenStream
 from training.distributed import Dist, setup
 from training.evaluate import mean_loss, perplexity
 from training.heartbeat import Heartbeat
 from training.id_scan import IdScan
+from training.inputs import pretrain_loaders
 from training.metrics import RunLog, compile_report, device_peak_flops, mfu, system_telemetry, trim_metrics
 from training.model import build_meta_model, count_parameters, flops_per_token
 from training import moe
@@ -48,6 +49,7 @@ EXIT_OK = 0
 EXIT_NONFINITE = 3
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+DATA_WAIT_SHOWN = 0.05  # the log line names the share of time spent waiting for batches from here on (metrics.jsonl always has it)
 
 
 @dataclass
@@ -104,8 +106,8 @@ def evaluate(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch
 
 def _data(cfg: TrainConfig, dist: Dist, warn) -> tuple[Any, Callable[[], Iterator[tuple]] | None, list[TokenStream]]:
     """The training loader, the validation batches of ``cfg.stage`` and the token streams whose ids
-    :class:`IdScan` checks: token-shard windows for pretraining, chat-template examples for a
-    fine-tuning stage (training/sft/loader.py, no token shards)."""
+    :class:`IdScan` checks: windows of token shards or of text tokenized on the fly for pretraining
+    (training/inputs.py), chat-template examples for a fine-tuning stage (training/sft/loader.py)."""
     if not cfg.val_data and "eval_every" in cfg.model_fields_set and dist.is_main:
         warn(f"val_data: not set, so eval_every={cfg.eval_every} evaluates nothing: no validation loss, "
              f"no best checkpoint (point val_data at held-out token shards)")
@@ -113,13 +115,7 @@ def _data(cfg: TrainConfig, dist: Dist, warn) -> tuple[Any, Callable[[], Iterato
         from training.sft.loader import build_sft_loaders
 
         return (*build_sft_loaders(cfg, dist.rank, dist.world_size, warn if dist.is_main else None), [])
-    train_stream = TokenStream(resolve_shards(cfg.train_data), cfg.seed, cfg.model.vocab_size)
-    loader = BatchLoader(train_stream, cfg.batch_size, cfg.seq_len, dist.rank, dist.world_size)
-    if not cfg.val_data:
-        return loader, None, [train_stream]
-    val_stream = TokenStream(resolve_shards(cfg.val_data, "val_data"), cfg.seed, cfg.model.vocab_size, key="val_data")
-    return (loader, lambda: iter_eval_batches(val_stream, cfg.batch_size, cfg.seq_len, cfg.eval_steps, dist.rank, dist.world_size),
-            [train_stream, val_stream])
+    return pretrain_loaders(cfg, dist.rank, dist.world_size)
 
 
 def _seed_everything(seed: int) -> None:
@@ -275,6 +271,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                     record({"compile": report})
                 if step % cfg.log_every:
                     window_start, window_tokens, window_excluded = time.perf_counter(), 0, 0.0
+                    batches.take_waited()
             if bad_steps >= cfg.max_bad_steps:
                 save([ckpt.step_tag(step)], block=True)
                 kept = (f"last good weights saved as {ckpt.step_tag(step)}" if checkpoints.last_saved
@@ -289,10 +286,12 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                 util = mfu(tps, fpt, peak, dist.world_size)
                 loss_v, lr = float(loss), scheduler.get_last_lr()[0]
                 eta = (cfg.num_steps - step) * tokens_per_step / tps if tps else 0.0
+                data_wait = min(1.0, batches.take_waited() / elapsed) if elapsed > 0 else 0.0  # share of the window starved of data
                 log.info(f"step {step}/{cfg.num_steps} | loss {loss_v:.4f} | lr {lr:.2e} | gnorm {float(norm):.3f} | "
                          f"{tps:,.0f} tok/s" + (f" | mfu {util:.1%}" if util is not None else "") +
-                         f" | mem {_peak_memory_gb(dist.device):.2f}GB | {1000 * elapsed / max(1, window_tokens // tokens_per_step):.0f}ms/step | eta {_fmt_duration(eta)}")
-                record({"loss": loss_v, "lr": lr, "grad_norm": float(norm), "tokens_per_s": tps, "mfu": util,
+                         f" | mem {_peak_memory_gb(dist.device):.2f}GB | {1000 * elapsed / max(1, window_tokens // tokens_per_step):.0f}ms/step"
+                         + (f" | data wait {data_wait:.0%}" if data_wait >= DATA_WAIT_SHOWN else "") + f" | eta {_fmt_duration(eta)}")
+                record({"loss": loss_v, "lr": lr, "grad_norm": float(norm), "tokens_per_s": tps, "mfu": util, "data_wait": data_wait,
                         "peak_mem_gb": _peak_memory_gb(dist.device), "tokens_seen": tokens_seen, **system_telemetry(dist.device),
                         **moe.collect_stats(model)})
                 result.losses[step] = loss_v

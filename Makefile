@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sample.py
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/sft.py
+	$(BIN)/python bench/id_scan.py
 
 # On a CUDA machine, offline: tests/gpu, runpod_1b and runpod_2b under none/DDP/FSDP2, packed attention,
 # one save and resume (< 8 min on one H100/H200), every figure in $OUT/gpu_check.json. It needs a CUDA

@@ -12,11 +12,13 @@
    median of the trainer's log windows after the first (which holds compilation); peak memory is
    the trainer's ``torch.cuda.max_memory_allocated``, against ``training.memory_plan.plan`` for the
    same settings (the named baseline), with the plan's terms.
-3. The first config's ``fsdp`` run (else its first) ends with the trainer's blocking ``final`` save
-   (sharded DCP checkpoints where the config offers a ``dcp`` option, issue 23 item 4), then a
-   second run resumes from it (``--resume auto``) and trains one more step. Seconds to save:
-   from the trainer's last step line to its summary table; seconds to resume: from the launch to the
-   "resumed from" line (interpreter start and model build included). The other runs save nothing.
+3. The first config's ``fsdp`` run (else its first) writes a step tag halfway (under FSDP a sharded
+   DCP folder written in the background: training/sharded_checkpoint.py) and ends with the blocking,
+   gathered ``final``; a second run resumes from the step tag (``--resume stepNNNNNNN``) and trains
+   one step past the first run's last, whose loss it logs again (the difference is reported).
+   Seconds to save ``final``: from the trainer's last step line to its summary table; seconds to
+   resume: from the launch to the "resumed from" line (interpreter start and model build included).
+   The other runs save nothing.
    Each config's shards and checkpoints are deleted before the next config starts.
 4. Packed fine-tuning batches (examples of 64-1024 tokens laid end to end, ``doc_ids``) through the
    first config's model, eager: the dense (B,1,T,T) mask against flex attention when the model
@@ -153,13 +155,14 @@ def last(lines: list[tuple[float, str]], predicate) -> float | None:
 
 
 def run_config(cfg: TrainConfig, raw: dict[str, Any], strategy: str, run_dir: Path, args: argparse.Namespace,
-               clock: Clock, resume: bool = False) -> tuple[dict[str, Any], list[tuple[float, str]]]:
-    """One trainer run through its command line (torchrun for ddp and fsdp); returns its row and console lines."""
+               clock: Clock, resume: str | None = None) -> tuple[dict[str, Any], list[tuple[float, str]]]:
+    """One trainer run through its command line (torchrun for ddp and fsdp), from the tag ``resume`` if
+    given; returns its row and console lines."""
     path = run_dir / ("resume.yaml" if resume else "run.yaml")
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     launcher = [sys.executable] if strategy == "none" else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                             "--nproc-per-node", "1"]
-    cmd = [*launcher, "-m", "training", str(path), *(["--resume", "auto"] if resume else [])]
+    cmd = [*launcher, "-m", "training", str(path), *(["--resume", resume] if resume else [])]
     t0 = time.monotonic()
     rc, lines = run_lines(cmd, os.environ.copy(), run_dir, f"{run_dir.parent.name} {strategy}", not args.quiet, clock.left())
     seconds = time.monotonic() - t0
@@ -208,8 +211,8 @@ def write_shards(cfg: TrainConfig, steps: int, accum: int, data_dir: Path) -> No
 # ---- attention: which kernels ran, and packed batches with a dense mask against flex ----
 
 def literal_option(value: str, model_cls: type[BaseModel], prefix: str = "") -> tuple[str, Any] | None:
-    """(dotted key, its first other value) of a config option that offers ``value`` (``flex`` attention,
-    ``dcp`` checkpoints: issue 23's other half, used when the branch that adds it is merged), or None."""
+    """(dotted key, its first other value) of a config option that offers ``value`` (``flex`` attention:
+    ``model.attention.impl``), or None when this checkout has no such option."""
     for name, field in model_cls.model_fields.items():
         annotation = field.annotation
         options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
@@ -415,8 +418,8 @@ def check_config(name: str, args: argparse.Namespace, work: Path, device: torch.
         run_dir.mkdir(parents=True, exist_ok=True)
         save = first_config and strategy == saver
         raw = run_overrides(base, args, run_dir, data_dir, strategy, args.steps, save)
-        if save and (dcp := literal_option("dcp", TrainConfig)):  # sharded checkpoints, where the trainer offers them
-            raw = with_option(raw, dcp[0], "dcp")
+        if save:  # a step tag halfway (sharded and asynchronous under FSDP), then the gathered `final`
+            raw["save_every"] = max(1, args.steps // 2)
         cfg = TrainConfig.model_validate(raw)
         entry.update({"params": plan(cfg, 1, "none").params, "micro_batch": cfg.batch_size, "seq_len": cfg.seq_len,
                       "accum": cfg.gradient_accumulation_steps, "dtype": cfg.dtype, "compile": cfg.compile_model})
@@ -429,21 +432,7 @@ def check_config(name: str, args: argparse.Namespace, work: Path, device: torch.
         entry["runs"].append(row)
         report.write()
         if save and row["returncode"] == 0:
-            step_line = last(lines, lambda line: line.startswith(f"step {args.steps}/"))
-            summary = first(lines, lambda line: "training summary" in line)
-            dcp = literal_option("dcp", TrainConfig)
-            ck: dict[str, Any] = {"config": name, "strategy": strategy, "save_s": summary - step_line if summary and step_line else None,
-                                  "format": f"{dcp[0]}: dcp" if dcp else "the trainer's default (no dcp option)",
-                                  "checkpoint_gb": sum(f.stat().st_size for f in Path(cfg.checkpoint_dir).rglob("*") if f.is_file()) / 1e9}
-            if clock.left() >= args.min_run_s:
-                again = {**raw, "num_steps": args.steps + 1, "save_final": False}
-                resumed, rlines = run_config(TrainConfig.model_validate(again), again, strategy, run_dir, args, clock, resume=True)
-                ck.update({"resume_returncode": resumed["returncode"], "resume_s": first(rlines, lambda l: l.startswith("resumed from")),
-                           "resumed_step": next((int(l.split("at step ")[1]) for _, l in rlines if l.startswith("resumed from")), None),
-                           "trained_to": resumed.get("steps"), "seconds": resumed["seconds"], "error": resumed.get("error")})
-            else:
-                ck["resume"] = f"skipped: --budget-s, {clock.left():.0f} s left"
-            report.data["checkpoint"] = ck
+            report.data["checkpoint"] = save_and_resume(cfg, raw, row, lines, strategy, run_dir, args, clock)
         shutil.rmtree(run_dir, ignore_errors=True)  # this run's checkpoints, before the next run
         report.write()
     if clock.left() >= args.min_run_s:
@@ -454,6 +443,32 @@ def check_config(name: str, args: argparse.Namespace, work: Path, device: torch.
             report.data["packed_attention"] = {"config": name, **packed_attention(cfg, device, args.packed_repeats)}
     shutil.rmtree(work / name, ignore_errors=True)  # the config's shards and checkpoints, before the next config
     report.write()
+
+
+def save_and_resume(cfg: TrainConfig, raw: dict[str, Any], row: dict[str, Any], lines: list[tuple[float, str]], strategy: str,
+                    run_dir: Path, args: argparse.Namespace, clock: Clock) -> dict[str, Any]:
+    """The save run's checkpoints, then a run that resumes from its halfway step tag (sharded under
+    FSDP: training/sharded_checkpoint.py) and trains one step past the first run's last."""
+    ckpt_dir, half = Path(cfg.checkpoint_dir), max(1, args.steps // 2)
+    step_line = last(lines, lambda line: line.startswith(f"step {args.steps}/"))
+    summary = first(lines, lambda line: "training summary" in line)
+    tag = next(iter(sorted(p.name for p in ckpt_dir.glob(f"step{half:07d}*"))), None)
+    size = lambda paths: sum(f.stat().st_size for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()) / 1e9  # noqa: E731
+    ck: dict[str, Any] = {"config": run_dir.parent.name, "strategy": strategy, "step_tag": tag,
+                          "step_tag_gb": size(ckpt_dir.glob(f"step{half:07d}*")), "final_gb": size(ckpt_dir.glob("final*")),
+                          "final_save_s": summary - step_line if summary and step_line else None, "loss_at_last_step": row["loss"]}
+    if clock.left() < args.min_run_s:
+        return {**ck, "resume": f"skipped: --budget-s, {clock.left():.0f} s left"}
+    again = {**raw, "num_steps": args.steps + 1, "save_final": False, "save_every": 10**9}
+    resumed, rlines = run_config(TrainConfig.model_validate(again), again, strategy, run_dir, args, clock,
+                                 resume=f"step{half:07d}")
+    relogged = [json.loads(line) for line in (ckpt_dir / "metrics.jsonl").read_text().splitlines()]
+    again_loss = next((r["loss"] for r in reversed(relogged) if r.get("step") == args.steps and "loss" in r), None)
+    return {**ck, "resume_returncode": resumed["returncode"], "resume_s": first(rlines, lambda l: l.startswith("resumed from")),
+            "resumed_step": next((int(l.split("at step ")[1].split()[0]) for _, l in rlines if l.startswith("resumed from")), None),
+            "trained_to": resumed.get("steps"), "seconds": resumed["seconds"], "error": resumed.get("error"),
+            "loss_at_last_step_resumed": again_loss,
+            "loss_diff": abs(again_loss - row["loss"]) if again_loss is not None and row["loss"] is not None else None}
 
 
 def failures(report: dict[str, Any]) -> list[str]:
@@ -492,8 +507,10 @@ def print_summary(report: dict[str, Any], console: Console) -> None:
                           f"{r['planned_gb']:.2f}", _fmt(r["peak_vs_plan"], ".2f"), f"{r['seconds']:.0f}")
     console.print(table)
     if ck := report.get("checkpoint"):
-        console.print(f"save ({ck['config']} {ck['strategy']}, blocking 'final', {ck['checkpoint_gb']:.1f} GB): {_fmt(ck['save_s'], '.1f')} s"
-                      f" | resume to step {ck.get('resumed_step')}: {_fmt(ck.get('resume_s'), '.1f')} s, trained to {ck.get('trained_to')}")
+        console.print(f"checkpoints ({ck['config']} {ck['strategy']}): {ck['step_tag']} {ck['step_tag_gb']:.1f} GB, final {ck['final_gb']:.1f} GB "
+                      f"saved in {_fmt(ck['final_save_s'], '.1f')} s | resume from step {ck.get('resumed_step')}: "
+                      f"{_fmt(ck.get('resume_s'), '.1f')} s, trained to {ck.get('trained_to')}, loss at step "
+                      f"{report['steps']} again within {_fmt(ck.get('loss_diff'), '.2e')}")
     if packed := report.get("packed_attention"):
         parts = [f"{k} {_fmt(v.get('tokens_per_s'), ',.0f')} tok/s {v.get('attention', {}).get('backends', v.get('error', ''))}"
                  for k, v in packed["variants"].items()]

@@ -52,9 +52,9 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from orchestrator.encode import encode_shards, load_token_manifest  # noqa: E402
-from orchestrator.tiktoken_bpe import build_encoding  # noqa: E402
-from orchestrator.tokenizer import TokenizerBundle, prepare_tokenizer  # noqa: E402
+from orchestrator.tokenizer.encode import encode_shards, load_token_manifest  # noqa: E402
+from orchestrator.tokenizer.tiktoken_bpe import build_encoding  # noqa: E402
+from orchestrator.tokenizer.bpe import TokenizerBundle, prepare_tokenizer  # noqa: E402
 from sharder.manifest import Manifest, ShardEntry, load_manifest  # noqa: E402
 from sharder.textshard import escape, open_text, read_documents  # noqa: E402
 from training.token_shards import open_tokens  # noqa: E402

@@ -6,41 +6,88 @@
                 [key=value ...] [instruct.key=value ...]
 
 Environment knobs (the pod's): RUN_EXPERIMENT (--experiment), RUN_CONFIG (--config), RUN_SHARD
-(1: shard the inputs, 0: reuse existing shards), SHARD_LINES (--train-shard-lines), RUN_STAGES (--stages).
+(auto, the default: shard the inputs when given, else reuse the experiment's shards; 1: shard the
+inputs; 0: reuse existing shards), SHARD_LINES (--train-shard-lines), RUN_STAGES (--stages).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from orchestrator.pipeline import Pipeline, PipelineError, PipelineOptions
-from orchestrator.sft_stages import parse_stages
+from orchestrator.sft.stages import parse_stages
 from orchestrator.stages import STAGE_NAMES, StageFailed, summary_table
 from sharder.argv import spread_multi_value_flags
 
 EXIT_USAGE = 2
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help=__doc__ + "\nSub-commands: `orchestrate pod --help`, `orchestrate volume --help`, `orchestrate tokenizer --help`, "
-                  "`orchestrate evaluate|sample|export --help` (docs/evaluate.md), `orchestrate sft --help` (docs/finetune.md).")
+# name -> (module, Typer attribute, command inside it or None for the whole group, flags taking several values).
+# Imported on first use: `orchestrate --mode local` never pays for the RunPod SDK or transformers.
+SUBCOMMANDS: dict[str, tuple[str, str, str | None, tuple[str, ...]]] = {
+    "pod": ("orchestrator.pods.cli", "app", None, ()),
+    "volume": ("orchestrator.pods.cli", "volume_app", None, ()),
+    "tokenizer": ("orchestrator.tokenizer.cli", "app", None, ()),
+    "sft": ("orchestrator.sft.cli", "app", None, ("--stages", "--source", "--file")),
+    "evaluate": ("orchestrator.use_cli", "app", "evaluate", ()),
+    "sample": ("orchestrator.use_cli", "app", "sample", ()),
+    "export": ("orchestrator.use_cli", "app", "export", ()),
+}
+PIPELINE = "pipeline"
 
+
+class OrchestrateGroup(TyperGroup):
+    """The ``orchestrate`` group: sub-commands as Typer groups, loaded lazily, and the pipeline by default.
+
+    ``orchestrate --mode cloud --input a b c key=value`` (the seed's form) has no sub-command name, so
+    a first word that names none runs ``pipeline``; flags that take several values (``--input a b c``)
+    are spread into repeated flags before Click parses them.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*super().list_commands(ctx), *SUBCOMMANDS]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in SUBCOMMANDS:
+            return super().get_command(ctx, name)
+        module, attr, command, _ = SUBCOMMANDS[name]
+        group = typer.main.get_command(getattr(importlib.import_module(module), attr))
+        return group.commands[command] if command else group  # type: ignore[attr-defined]
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] in SUBCOMMANDS:
+            args = [args[0], *spread_multi_value_flags(args[1:], SUBCOMMANDS[args[0]][3])]
+        elif not args or args[0] not in (PIPELINE, *ctx.help_option_names):
+            args = [PIPELINE, *spread_multi_value_flags(args, ("--input", "--validation"), lambda token: "=" in token)]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(cls=OrchestrateGroup, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  help=__doc__ + "\nWithout a sub-command, the arguments go to `orchestrate pipeline`. Sub-commands: "
+                  "pod and volume (RunPod), tokenizer, evaluate|sample|export (docs/evaluate.md), sft (docs/finetune.md).")
+
+
+@app.callback()
+def _orchestrate() -> None:
+    """The group itself does nothing: every command is a sub-command (``pipeline`` by default)."""
 
 def _run_shard_env() -> bool | None:
-    value = os.environ.get("RUN_SHARD")
-    if value is None or value == "":
-        return None
-    if value not in ("0", "1"):
-        print(f"orchestrate: error: RUN_SHARD={value!r}: expected 0 or 1", file=sys.stderr)
+    """RUN_SHARD: True (1), False (0), or None (auto, also when unset or empty)."""
+    value = os.environ.get("RUN_SHARD") or "auto"
+    if value not in ("auto", "0", "1"):
+        print(f"orchestrate: error: RUN_SHARD={value!r}: expected auto, 0 or 1", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE)
-    return value == "1"
+    return None if value == "auto" else value == "1"
 
 
-@app.command()
+@app.command(PIPELINE)
 def pipeline(
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides written into the emitted training config"),
     mode: str = typer.Option("local", "--mode", help="cloud (/workspace, HF caches enforced) or local (./workspace)"),
@@ -69,7 +116,8 @@ def pipeline(
     """The whole pipeline: layout -> shard -> tokenizer -> emit -> train, each stage skipped when done.
 
     RUN_SHARD=0 reuses the shards already in the workspace (as --reuse-shards), RUN_SHARD=1 shards
-    --input. Also: `orchestrate pod|volume --help` (RunPod), `orchestrate tokenizer --help`,
+    --input, RUN_SHARD=auto (the default) shards --input when given, else reuses the shards there.
+    Also: `orchestrate pod|volume --help` (RunPod), `orchestrate tokenizer --help`,
     `orchestrate evaluate|sample|export --help` (docs/evaluate.md), `orchestrate sft --help` (docs/finetune.md).
     """
     if mode not in ("cloud", "local"):
@@ -81,7 +129,7 @@ def pipeline(
     except ValueError as exc:
         print(f"orchestrate: error: {exc}", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE)
-    shard = not reuse_shards and shard_env is not False  # without --input, Pipeline names the flag
+    shard = False if reuse_shards else shard_env  # None: auto, decided by Pipeline from the workspace
     console = Console(highlight=False, soft_wrap=True)
     opts = PipelineOptions(mode=mode, inputs=list(inputs or []), validation=list(validation or []), experiment=experiment,
                            train_shard_lines=train_shard_lines, shard=shard, tokenizer_json=tokenizer_json, config=config,
@@ -103,30 +151,7 @@ def pipeline(
 
 
 def main() -> None:
-    """Dispatch ``pod``/``volume``/``tokenizer``/``sft``/``evaluate``/``sample``/``export``; everything else is the pipeline (which takes key=value)."""
-    args = sys.argv[1:]
-    if args and args[0] == "pod":
-        from orchestrator.pods.cli import app as pod_app
-
-        pod_app(args=args[1:], prog_name="orchestrate pod")
-    elif args and args[0] == "volume":
-        from orchestrator.pods.cli import volume_app
-
-        volume_app(args=args[1:], prog_name="orchestrate volume")
-    elif args and args[0] == "sft":
-        from orchestrator.sft_cli import main as sft_main
-
-        sft_main(args[1:])
-    elif args and args[0] in ("evaluate", "sample", "export"):
-        from orchestrator.use_cli import app as use_app
-
-        use_app(args=args, prog_name="orchestrate")
-    elif args and args[0] == "tokenizer":
-        from orchestrator.tokenizer_cli import app as tokenizer_app
-
-        tokenizer_app(args=args[1:], prog_name="orchestrate tokenizer")
-    else:  # --input a b c: values up to the next flag or key=value override
-        app(args=spread_multi_value_flags(args, ("--input", "--validation"), lambda token: "=" in token), prog_name="orchestrate")
+    app(prog_name="orchestrate")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The whole pipeline as stages: layout → shard → (curate, when the recipe curates) → tokenizer → emit → train,
-then, with ``--stages ...,instruct,tool,reasoning``, one stage per fine-tuning phase (orchestrator/sft_stages.py).
+then, with ``--stages ...,instruct,tool,reasoning``, one stage per fine-tuning phase (orchestrator/sft/stages.py).
 
 Each stage is a plain function over :class:`PipelineOptions` and the :class:`Layout`; the runner in
 ``orchestrator.stages`` decides, from completion markers, which ones need to run. Everything here
@@ -9,24 +9,22 @@ is callable from Python; ``orchestrator.cli`` is only argument parsing.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from orchestrator.encode import EncodeError, encode_shards
+from orchestrator.tokenizer.encode import EncodeError, encode_shards
+from orchestrator.launch import PipelineError, TrainingExit, launch_training, training_summary
 from orchestrator.lock import ExperimentLock, LockHeld
-from orchestrator.sft_stages import finished, run_sft_stage, sft_stage_inputs, split_overrides, stage_dir
+from orchestrator.sft.stages import (
+    StageContext, check_sft_inputs, finished, run_sft_stage, sft_stage_inputs, split_overrides, stage_dir,
+)
 from orchestrator.stages import STAGE_NAMES, Stage, StageRecord, run_stages
-from orchestrator.torchrun_output import filter_stream
-from orchestrator.tokenizer import META_FILE, TOKENIZER_FILE, TokenizerBundle, TokenizerError, prepare_tokenizer
+from orchestrator.tokenizer.bpe import check_tokenizer_choice, prepare_tokenizer
 from orchestrator.workspace import HF_CACHE_VARIABLES, Layout, LayoutError
 from sharder.errors import ShardError, ShardInterrupted
 from sharder.manifest import ManifestError, load_manifest
@@ -34,14 +32,11 @@ from sharder.pipeline import ShardOptions, run_shard
 from training.checkpoint import list_tags
 from training.config import ConfigError, TrainConfig, dump_config, load_config, read_config_file, validate_config
 from training.token_shards import TOKEN_SUFFIX, TokenShardError, read_header
+from training.tokenizer_bundle import META_FILE, TOKENIZER_FILE, TokenizerBundle, TokenizerError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = {"cloud": "configs/runpod_1b.yaml", "local": "configs/m3_medium.yaml"}
 LOCK_FILE = ".orchestrate.lock"
-
-
-class PipelineError(ValueError):
-    """A user error in the pipeline's inputs; one line (or a short listing) naming what is wrong."""
 
 
 @dataclass
@@ -51,7 +46,9 @@ class PipelineOptions:
     validation: list[str] = field(default_factory=list)
     experiment: str | None = None
     train_shard_lines: int = 250_000
-    shard: bool = True  # False: reuse the shard folders as they are (--reuse-shards, RUN_SHARD=0)
+    # False: reuse the shard folders as they are (--reuse-shards, RUN_SHARD=0); None (RUN_SHARD=auto):
+    # shard when there are inputs (or a recipe), else reuse the experiment's shards when it has some
+    shard: bool | None = True
     tokenizer_json: str | None = None
     config: str | None = None
     workspace: Path | None = None
@@ -196,6 +193,8 @@ class Pipeline:
         except ConfigError as exc:
             raise PipelineError(str(exc)) from None
         self.recipe = _load_recipe(opts)
+        if opts.shard is None:  # auto: a copy, so the caller's options keep saying auto
+            self.opts = opts = replace(opts, shard=bool(opts.inputs or opts.data) or not _has_shards(self.layout.train_text))
         self.pretrain = "pretrain" in opts.stages
         if self.pretrain and opts.shard and not opts.inputs and self.recipe is None:
             raise PipelineError("--input: required to shard (or pass --reuse-shards / RUN_SHARD=0 to use existing shards)")
@@ -203,6 +202,32 @@ class Pipeline:
         if self.recipe is not None:
             self.input_ids = [{"recipe": self.recipe.fingerprint()}]
         self.validation_ids = _input_identity(opts.validation, "--validation") if opts.shard else []
+        self._check_before_any_work()
+
+    def _check_before_any_work(self) -> None:
+        """What later stages would refuse, checked now (docs/data.md: "checked before any work"): the
+        recipe's local sources and curate settings, the tokenizer choice against model.vocab_size,
+        and the SFT stages' prepared files and vocabulary overrides."""
+        o = self.opts
+        if self.recipe is not None and self.pretrain:
+            from sharder.curate.run import check_curate
+            from sharder.mix import check_local_sources
+
+            try:
+                if o.shard:
+                    check_local_sources(self.recipe)
+                if self.recipe.curate is not None and self.recipe.curate.active:
+                    check_curate(self.recipe.curate)
+            except ShardError as exc:
+                message = str(exc)
+                raise PipelineError(message if message.startswith("--data") else f"--data {self.recipe.path}: {message}") from None
+        if self.pretrain and STAGE_NAMES.index(o.stop_after) >= STAGE_NAMES.index("tokenizer"):
+            try:
+                tokenizer_json = self.tokenizer_json()
+                check_tokenizer_choice(Path(tokenizer_json) if tokenizer_json else None, self.base_config.model.vocab_size)
+            except TokenizerError as exc:
+                raise PipelineError(f"{exc} (model.vocab_size of {self.config_path})") from None
+        check_sft_inputs(self.layout, o.stages, o.overrides)
 
     # -- stages -------------------------------------------------------------------------------
     def stages(self) -> list[Stage]:
@@ -238,10 +263,11 @@ class Pipeline:
         if not self.pretrain:
             chosen = [s for s in chosen if s.name == "layout"]
         previous, previous_inputs = "pretrain", {"emit": emit_inputs} if self.pretrain else {"pretrained": str(L.run / "checkpoints")}
+        sft_ctx = StageContext(L, self.config_path, o.overrides, o.nproc, self.console)
         for name in (s for s in o.stages if s != "pretrain"):
-            inputs = sft_stage_inputs(self, name, previous_inputs)
+            inputs = sft_stage_inputs(sft_ctx, name, previous_inputs)
             run_dir = stage_dir(L, name)
-            chosen.append(Stage(name, inputs, lambda changed, n=name, p=previous: run_sft_stage(self, n, p),
+            chosen.append(Stage(name, inputs, lambda changed, n=name, p=previous: run_sft_stage(sft_ctx, n, p),
                                 lambda d=run_dir: finished(d / "checkpoints", d / "training.yaml"),
                                 plan=f"{previous} final -> {name}: train {run_dir / 'training.yaml'} -> {run_dir / 'checkpoints'}"))
             previous, previous_inputs = name, inputs
@@ -291,12 +317,18 @@ class Pipeline:
             run_curate(L.val_text, val, self.recipe.curate, self.console)
         return {"result": f"{summary['input']:,} -> {summary['output']:,} train documents", "throughput": summary["throughput"]}
 
+    def tokenizer_json(self) -> str | None:
+        """The tokenizer.json to import: --tokenizer-json, or one placed by hand in the bundle folder (seed layout)."""
+        L = self.layout
+        if self.opts.tokenizer_json is None and (L.tokenizer / TOKENIZER_FILE).exists() and not (L.tokenizer / META_FILE).exists():
+            return str(L.tokenizer / TOKENIZER_FILE)
+        return self.opts.tokenizer_json
+
     def tokenizer_stage(self, changed: bool) -> dict[str, Any]:
         L, o = self.layout, self.opts
         train_text, val_text = self.text_dirs()
-        tokenizer_json = o.tokenizer_json
-        if tokenizer_json is None and (L.tokenizer / TOKENIZER_FILE).exists() and not (L.tokenizer / META_FILE).exists():
-            tokenizer_json = str(L.tokenizer / TOKENIZER_FILE)  # a tokenizer.json placed by hand (seed layout)
+        tokenizer_json = self.tokenizer_json()
+        if tokenizer_json is not None and o.tokenizer_json is None:
             self.console.print(f"[stage] tokenizer: importing the tokenizer.json found in {L.tokenizer}", markup=False)
         if changed and tokenizer_json is None and (L.tokenizer / META_FILE).exists():
             aside = L.tokenizer.with_name(L.tokenizer.name + ".previous")
@@ -381,67 +413,6 @@ class Pipeline:
             raise PipelineError(self.layout.unwritable(exc, self.opts.workspace is not None)) from None
 
 
-def training_summary(cfg: TrainConfig) -> dict[str, Any]:
-    """A finished training stage's summary: its checkpoints and last logged throughput."""
-    path = Path(cfg.checkpoint_dir) / "metrics.jsonl"
-    metrics = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-    tps = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
-    return {"result": str(cfg.checkpoint_dir), "throughput": f"{tps[-1]:,.0f} tokens/s" if tps else ""}
-
-
-class TrainingExit(RuntimeError):
-    """The trainer exited non-zero; its code is passed on (143 after SIGTERM, 3 on divergence)."""
-
-    def __init__(self, exit_code: int) -> None:
-        super().__init__(f"the trainer exited with code {exit_code}")
-        self.exit_code = exit_code
-
-
 USER_ERRORS: tuple[type[BaseException], ...] = (
     PipelineError, LayoutError, ShardError, ShardInterrupted, TokenizerError, EncodeError, ConfigError, ManifestError, TrainingExit,
 )
-
-
-def training_command(config: Path, nproc: int) -> list[str]:
-    """``python -m training CONFIG --resume auto``, through torchrun for more than one process."""
-    train = ["-m", "training", str(config), "--resume", "auto"]
-    if nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *train]
-    return [sys.executable, *train]
-
-
-def launch_training(config: Path, nproc: int | None, console: Console) -> int:
-    """Run the trainer as a child and forward SIGTERM/SIGINT to it once, so it can checkpoint and exit.
-
-    Through torchrun, its failure report is dropped from stderr and the failed rank's own exit code
-    returned (``orchestrator.torchrun_output``), so a bad shard reads as one line and exits 2.
-    """
-    if nproc is None:
-        import torch
-
-        nproc = torch.cuda.device_count()
-    cmd = training_command(config, nproc)
-    console.print(f"[stage] train: {' '.join(cmd)}", markup=False)
-    piped = nproc > 1
-    env = dict(os.environ)
-    if piped:  # torchrun would set 1 (with a banner); the cores shared out is what CPU ranks can use
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    # its own group: a Ctrl-C reaches it once, from us
-    child = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.PIPE if piped else None, text=piped, env=env)
-
-    def forward(signum: int, frame: Any) -> None:
-        child.send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        rank_code = filter_stream(child.stderr, _to_stderr) if piped else None
-        code = child.wait()
-        return rank_code if code != 0 and rank_code is not None else code
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def _to_stderr(line: str) -> None:
-    sys.stderr.write(line)
-    sys.stderr.flush()

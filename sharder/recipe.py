@@ -11,68 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import string
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from sharder.errors import ShardError
 from sharder.registry import Registry, load_registry
+from sharder.source_config import SourceConfig, Strict
 from training.config import ConfigError, format_validation_error, read_config_file
 
 RECIPE_VERSION = 1
 MIX_STRATEGIES = ("round_robin", "sequential", "weighted")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SourceConfig(_Strict):
-    """One source after resolution: a hub dataset, local files, or a folder of PDFs.
-
-    ``fields`` + ``format`` build the text from several columns (Q&A); otherwise ``text_field`` is
-    the text. ``limit`` caps the documents taken from this source (after ``min_text_length``);
-    ``limit_tokens`` caps its tokens, counted with the recipe's ``token_counter``.
-    """
-
-    type: Literal["hf", "files", "pdf"]
-    name: str | None = None
-    dataset: str | None = None
-    config: str | None = None
-    split: str = "train"
-    path: str | None = None
-    text_field: str = "text"
-    fields: list[str] | None = None
-    format: str | None = None
-    limit: int | None = Field(None, ge=1)
-    limit_tokens: int | None = Field(None, ge=1)
-    chunk_chars: int = Field(4000, ge=200, description="PDF chunk target (cut at paragraph ends, 3-5k by default)")
-
-    @model_validator(mode="after")
-    def _complete(self) -> "SourceConfig":
-        if self.type == "hf" and not self.dataset:
-            raise ValueError("type hf needs 'dataset'")
-        if self.type in ("files", "pdf") and not self.path:
-            raise ValueError(f"type {self.type} needs 'path'")
-        if (self.fields is None) != (self.format is None):
-            raise ValueError("'fields' and 'format' go together (format: \"Q: {question}\\nA: {answer}\")")
-        if self.format is not None:
-            named = {f for _, f, _, _ in string.Formatter().parse(self.format) if f}
-            unknown = sorted(named - set(self.fields or []))
-            if unknown:
-                raise ValueError(f"format uses {', '.join(unknown)} which is not in fields {self.fields}")
-        return self
-
-    @property
-    def label(self) -> str:
-        """The name reports and the manifest use for this source."""
-        if self.name:
-            return self.name
-        if self.type == "hf":
-            return self.dataset + (f"/{self.config}" if self.config else "")
-        return Path(self.path or "").name or str(self.path)
 
 
 # MinHash settings by name. A pair of documents whose shingle sets have Jaccard similarity J is caught
@@ -85,7 +35,7 @@ MINHASH_PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-class DedupConfig(_Strict):
+class DedupConfig(Strict):
     """Exact (normalised-text hash) and MinHash near-duplicate removal; FineWeb's settings by default.
 
     ``preset`` names the MinHash settings; ``n_grams``, ``buckets`` and ``hashes_per_bucket`` given
@@ -108,7 +58,7 @@ class DedupConfig(_Strict):
         return self
 
 
-class PerplexityConfig(_Strict):
+class PerplexityConfig(Strict):
     """Score each document with a reference model; drop by ``max_perplexity`` or ``drop_percentile``."""
 
     checkpoint: str | None = None  # a podtrain checkpoint directory (holding <tag>.safetensors)
@@ -130,7 +80,7 @@ class PerplexityConfig(_Strict):
         return self
 
 
-class CurateConfig(_Strict):
+class CurateConfig(Strict):
     """The curate stage: dedup, named quality filters (with their options), perplexity filter."""
 
     dedup: DedupConfig | None = None
@@ -191,7 +141,7 @@ class CurateConfig(_Strict):
         return bool(self.dedup or self.quality or self.perplexity)
 
 
-class Budget(_Strict):
+class Budget(Strict):
     """A per-source budget in ``limits``: documents or tokens (a plain number means documents)."""
 
     documents: int | None = Field(None, ge=1)
@@ -204,7 +154,7 @@ class Budget(_Strict):
         return self
 
 
-class DataSection(_Strict):
+class DataSection(Strict):
     """The ``data:`` section as users write it."""
 
     sources: list[Union[str, dict[str, Any]]] = Field(default_factory=list)  # names or SourceConfig mappings
@@ -235,7 +185,7 @@ class DataSection(_Strict):
         return value
 
 
-class _Recipe(_Strict):
+class _Recipe(Strict):
     """The ``data:`` key around a section, so error paths read ``data.mix_strategy``."""
 
     data: DataSection
@@ -386,6 +336,8 @@ def parse_dataset_limits(text: str) -> dict[str, int]:
         name, sep, value = item.partition("=")
         if not sep or not name.strip() or not value.strip().isdigit() or int(value) < 1:
             raise ValueError(f"--dataset-limit {text!r}: expected name=N,... with N >= 1 (got {item!r})")
+        if name.strip() in limits:
+            raise ValueError(f"--dataset-limit {text!r}: {name.strip()} is given twice; give each source once")
         limits[name.strip()] = int(value)
     if not limits:
         raise ValueError(f"--dataset-limit {text!r}: expected name=N,... with N >= 1")

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sharder.errors import ShardError
+from sharder.source_config import SourceConfig
 from training.config import ConfigError, read_config_file
 
-if TYPE_CHECKING:
-    from sharder.recipe import SourceConfig
 
 SHIPPED_REGISTRY = Path(__file__).resolve().parents[1] / "configs" / "sources.yaml"
 REGISTRY_VERSION = 1
-_ENTRY_KEYS = {"dataset", "config", "split", "text_field", "fields", "format", "columns", "replacement"}
+_SOURCE_KEYS = ("dataset", "config", "split", "revision", "data_dir", "text_field", "fields", "format")
+_ENTRY_KEYS = {*_SOURCE_KEYS, "columns"}
 
 
 @dataclass
@@ -28,19 +28,13 @@ class Registry:
 
     entries: dict[str, dict[str, Any]]
 
-    def source(self, name: str, where: str) -> "SourceConfig":
-        """The SourceConfig of ``name``; unknown or script-only names are ShardErrors naming ``where``."""
-        from sharder.recipe import SourceConfig
+    def source(self, name: str, where: str) -> SourceConfig:
+        """The SourceConfig of ``name``; an unknown name is a ShardError naming ``where``."""
 
         entry = self.entries.get(name)
         if entry is None:
             raise ShardError(f"{where}: unknown source {name!r} (known: {', '.join(sorted(self.entries))})")
-        if entry.get("replacement"):
-            raise ShardError(
-                f"{where}: {name} ({entry['dataset']}) needs a dataset loading script, which `datasets` no longer "
-                f"runs; use {entry['replacement']!r} instead"
-            )
-        keys = {k: entry[k] for k in ("dataset", "config", "split", "text_field", "fields", "format") if k in entry}
+        keys = {k: entry[k] for k in _SOURCE_KEYS if k in entry}
         return SourceConfig(type="hf", name=name, **keys)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.tokenizer import prepare_tokenizer
+from orchestrator.tokenizer.bpe import prepare_tokenizer
 from test_tokenizer import make_documents, write_text_dir
 from training.sft.template import ChatTokenizer, write_chat_bundle
 

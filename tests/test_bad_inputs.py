@@ -122,7 +122,7 @@ def _can_mount_private_tmpfs() -> bool:
 def test_encode_onto_a_full_disk_names_the_output_shard(tmp_path) -> None:
     from test_tokenizer import make_documents, write_text_dir
 
-    from orchestrator.tokenizer import prepare_tokenizer
+    from orchestrator.tokenizer.bpe import prepare_tokenizer
 
     text = tmp_path / "text"
     write_text_dir(text, make_documents(200_000, seed=1), num_shards=1)
@@ -253,7 +253,7 @@ def test_torchrun_report_is_dropped_and_a_rank_traceback_kept() -> None:
 def test_bad_shard_on_two_ranks_is_one_line_and_exit_2_through_orchestrate(byte_corpus, tmp_path, capfd) -> None:
     from rich.console import Console
 
-    from orchestrator.pipeline import launch_training
+    from orchestrator.launch import launch_training
 
     bad = tmp_path / "data" / "bad.tok"
     shard_with_a_bad_id(bad, 300, 5)

@@ -18,9 +18,9 @@ import pytest
 from test_tokenizer import make_documents, write_text_dir
 from typer.testing import CliRunner
 
-from orchestrator.encode import EncodeError, encode_shards, load_token_manifest
-from orchestrator.tokenizer import TokenizerBundle, prepare_tokenizer
-from orchestrator.tokenizer_cli import app
+from orchestrator.tokenizer.encode import EncodeError, encode_shards, load_token_manifest
+from orchestrator.tokenizer.bpe import TokenizerBundle, prepare_tokenizer
+from orchestrator.tokenizer.cli import app
 from sharder.manifest import load_manifest
 from sharder.textshard import escape, read_documents
 from training.atomic import TMP_PREFIX
@@ -240,7 +240,7 @@ def test_resume_after_interruption(bundle: TokenizerBundle, long_run: tuple[Path
     engine keeps the run long enough to be caught in the middle."""
     text, reference = long_run
     out = tmp_path / "tokens"
-    cmd = [sys.executable, "-m", "orchestrator.tokenizer_cli", "encode", "--text-dir", str(text), "--out-dir", str(out),
+    cmd = [sys.executable, "-m", "orchestrator.tokenizer.cli", "encode", "--text-dir", str(text), "--out-dir", str(out),
            "--bundle-dir", str(bundle.directory), "--workers", "1", "--engine", "tokenizers"]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60

@@ -70,7 +70,9 @@ def test_cpu_rehearsal_runs_every_part_offline_and_writes_one_json(tmp_path) -> 
         assert entry["accum"] == 2 and entry["sdpa_causal_block"]["backends"]  # which SDPA kernel ran
         assert entry["loss_kernels"]["chunked_ms"] > 0 and entry["loss_kernels"]["liger"] in ("CUDA only", "not installed")
     ck = report["checkpoint"]
-    assert ck["strategy"] == "fsdp" and ck["resumed_step"] == 4 and ck["trained_to"] == 5 and ck["resume_returncode"] == 0
+    assert ck["strategy"] == "fsdp" and ck["step_tag"] == "step0000002.dcp" and ck["step_tag_gb"] > 0 and ck["final_gb"] > 0
+    assert ck["resumed_step"] == 2 and ck["trained_to"] == 5 and ck["resume_returncode"] == 0
+    assert ck["loss_diff"] <= 1e-5  # the resumed run logs step 4's loss again
     packed = report["packed_attention"]
     assert {"dense", "causal"} <= set(packed["variants"]) and 0 < packed["in_document_share_of_causal_pairs"] <= 1
     assert all(v["tokens_per_s"] > 0 for v in packed["variants"].values())

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from training import moe
 from training.config import ConfigError, ModelConfig, load_config, validate_config
-from training.model import MLP, Transformer, build_meta_model, count_parameters, flops_per_token
+from training.mlp import MLP
+from training.model import Transformer, build_meta_model, count_parameters, flops_per_token
 from training.presets import PROJECT_ROOT, list_presets
 from training.trainer import train
 

@@ -11,7 +11,7 @@ import pytest
 from datasets import Dataset
 from typer.testing import CliRunner
 
-from orchestrator.sft_cli import app
+from orchestrator.sft.cli import app
 from sharder.argv import spread_multi_value_flags
 
 GLAIVE_SYSTEM = ('SYSTEM: You are a helpful assistant with access to the following functions. Use them if required -\n'
@@ -138,7 +138,7 @@ def test_rerun_skips_done_sources_dedups_and_limits(tmp_path: Path) -> None:
     lines = (out / "instruct_data.jsonl").read_text().splitlines()
     assert [json.loads(x)["instruction"] for x in lines] == ["Give three tips for staying healthy.", "Translate to French.\n\nGood morning", "Say hi"]
     assert "2 duplicates dropped" in first.output
-    assert "mine.jsonl row 2: a reasoning record in the instruct file" in first.output
+    assert f"{user}:2: a reasoning record in the instruct file" in first.output  # file:line, as an editor counts
     second = _run(args)
     assert second.output.count("done earlier, skipped") == 2
     assert (out / "instruct_data.jsonl").read_text().splitlines() == lines

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from conftest import stdlib_documents
 from orchestrator.pipeline import Pipeline, PipelineOptions
-from orchestrator.sft_cli import app as sft_app
+from orchestrator.sft.cli import app as sft_app
 from training.inference import load_checkpoint
 from training.sft.chat import reply
 from training.sft.template import ChatTokenizer

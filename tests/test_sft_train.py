@@ -65,7 +65,7 @@ def test_sft_init_resizes_the_embedding_with_mean_rows_and_a_stage_starts_from_i
     import torch
     from typer.testing import CliRunner
 
-    from orchestrator.sft_cli import app
+    from orchestrator.sft.cli import app
     from training import checkpoint as ckpt
     from training.config import ModelConfig
     from training.model import Transformer

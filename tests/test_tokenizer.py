@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from orchestrator.tiktoken_bpe import build_encoding
-from orchestrator.tokenizer import (
+from orchestrator.tokenizer.tiktoken_bpe import build_encoding
+from orchestrator.tokenizer.bpe import (
     EOT_TOKEN,
     PAD_TOKEN,
     TokenizerBundle,
@@ -23,7 +23,7 @@ from orchestrator.tokenizer import (
     prepare_tokenizer,
     sample_documents,
 )
-from orchestrator.tokenizer_cli import app, parse_size
+from orchestrator.tokenizer.cli import app, parse_size
 from sharder.manifest import Manifest, ShardEntry
 from sharder.textshard import escape, open_text
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from training.aliases import ALIASES, NO_EQUIVALENT, AliasError, canonical_key, describe, rename_aliases, resolve_min_lr
+from training.aliases import ALIASES, AliasError, canonical_key, describe, rename_aliases, resolve_min_lr
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".toml")
 
@@ -27,12 +27,17 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys are errors, and so is a non-finite float anywhere (``optimizer.lr=inf`` trains NaN weights)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class AttentionConfig(_Strict):
     n_heads: int = Field(8, ge=1)
     n_kv_heads: int | None = Field(None, ge=1, description="GQA/MQA key-value heads; None = n_heads")
+    impl: Literal["auto", "flex", "sdpa"] = Field(
+        "auto", description="packed examples (doc_ids): flex = FlexAttention with a document-causal BlockMask, "
+                            "sdpa = SDPA with a dense (B,1,T,T) mask; auto = flex on CUDA, sdpa elsewhere")
 
 
 class PositionalConfig(_Strict):
@@ -291,18 +296,21 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    """``a.b=value`` -> (canonical dotted paths, value parsed as a YAML scalar)."""
+def _split_override(item: str) -> tuple[str, Any]:
+    """``a.b=value`` -> (key as typed, value parsed as a YAML scalar)."""
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected key=value (for example optimizer.lr=1e-3)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        return key, yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
-        value = raw
-    paths, value = canonical_key(key, value)
-    return list(paths), value
+        return key, raw
+
+
+def _parse_override(item: str) -> dict[str, Any]:
+    """``a.b=value`` -> each canonical dotted path with its value."""
+    return canonical_key(*_split_override(item))
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], notes: list[str] | None = None) -> dict[str, Any]:
@@ -310,12 +318,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], notes: list[str]
 
     An alias (``learning_rate=1e-3``) sets its canonical key, so it overrides the file's value.
     """
+    setters: dict[str, tuple[str, Any]] = {}  # canonical path -> (the override that set it, its value)
     for item in overrides:
-        paths, value = _parse_override(item)
-        key = item.partition("=")[0].strip()
+        key, value = _split_override(item)
         if notes is not None and key in ALIASES:
             notes.append(describe(key, value))
-        for path in paths:
+        for path, path_value in canonical_key(key, value).items():
+            _check_alias_clash(setters, path, item, path_value)
             node = data
             parts = path.split(".")
             for part in parts[:-1]:
@@ -323,8 +332,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], notes: list[str]
                 if not isinstance(child, dict):
                     raise ConfigError(f"override {item!r}: {part} is not a section")
                 node = child
-            node[parts[-1]] = value
+            node[parts[-1]] = path_value
     return data
+
+
+def _check_alias_clash(setters: dict[str, tuple[str, Any]], path: str, item: str, value: Any) -> None:
+    """Two overrides naming one key, one of them through an alias (``n_layer=3 model.num_layers=2``),
+    with different values: refused as in a file, instead of the later one silently winning."""
+    earlier = setters.setdefault(path, (item, value))
+    if earlier[0] == item or earlier[1] == value:
+        return
+    keys = [entry.partition("=")[0].strip() for entry in (earlier[0], item)]
+    if any(k in ALIASES for k in keys):
+        named = [f"{entry} ({ALIASES[k].origin} name)" if k in ALIASES else entry for k, entry in zip(keys, (earlier[0], item))]
+        raise ConfigError(f"command line: {named[0]} and {named[1]} both set {path}, to different values; keep one")
+    setters[path] = (item, value)
 
 
 def format_validation_error(exc: ValidationError, source: str, overrides: list[str] | None = None) -> str:
@@ -332,13 +354,13 @@ def format_validation_error(exc: ValidationError, source: str, overrides: list[s
 
     An error under a key set on the command line names that override, not the file.
     """
-    by_path = {path: item for item in overrides or [] for path in _parse_override(item)[0]}
+    by_path = {path: item for item in overrides or [] for path in _parse_override(item)}
     parts: list[tuple[str, str]] = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key" + (f" (no podtrain equivalent: {NO_EQUIVALENT[loc]})" if loc in NO_EQUIVALENT else "")
+            msg = "unknown key"
         elif "input" in err and not isinstance(err["input"], (dict, list)) and err["type"] != "missing":
             msg = f"{msg} (got {err['input']!r})"
         origin = next((f"command line override {item}" for path, item in by_path.items()

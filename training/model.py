@@ -9,14 +9,18 @@ parallel blocks are switches of the same classes. Rotary embeddings use the half
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from training.config import ModelConfig
 from training.loss import linear_cross_entropy
+from training.mlp import MLP
+from training.moe import MoE, aux_loss, inactive_parameters
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
@@ -52,9 +56,10 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None = None, kv: LayerKV | None = None) -> torch.Tensor:
-        """``mask`` (B, 1, T, S) bool, True = may attend, replaces the plain causal mask (packed
-        examples, a cached prefix); ``kv`` holds this layer's keys and values from earlier calls."""
+                mask: torch.Tensor | BlockMask | None = None, kv: LayerKV | None = None) -> torch.Tensor:
+        """``mask`` replaces the plain causal mask: a (B, 1, T, S) bool tensor, True = may attend
+        (packed examples on SDPA, a cached prefix), or a :class:`BlockMask` (packed examples on
+        FlexAttention); ``kv`` holds this layer's keys and values from earlier calls."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -64,27 +69,13 @@ class Attention(nn.Module):
         if kv is not None:
             k, v = kv.append(k, v)
         # GQA inside the kernel: no repeat_interleave copy of K and V per step.
+        if isinstance(mask, BlockMask):
+            y = _flex(q.device.type)(q, k, v, block_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        hidden = cfg.ffn_hidden
-        self.swiglu = cfg.ffn.type in ("swiglu", "moe")  # MoE experts are SwiGLU MLPs of width expert_hidden_size
-        if self.swiglu:
-            self.gate_proj = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
-        self.up_proj = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
-        self.down_proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
-        self.down_proj.residual_projection = True  # type: ignore[attr-defined]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.swiglu:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 
 class Block(nn.Module):
@@ -98,15 +89,13 @@ class Block(nn.Module):
         if not self.parallel:
             self.post_attention_layernorm = _norm(cfg)
         if cfg.ffn.type == "moe":
-            from training.moe import MoE  # moe builds on MLP: imported here, not at the top, to avoid a cycle
-
             self.mlp: nn.Module = MoE(cfg)
         else:
             self.mlp = MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None = None, kv: LayerKV | None = None) -> torch.Tensor:
+                mask: torch.Tensor | BlockMask | None = None, kv: LayerKV | None = None) -> torch.Tensor:
         h = self.input_layernorm(x)
         if self.parallel:
             return x + self.resid_dropout(self.self_attn(h, rope, mask, kv) + self.mlp(h))
@@ -189,7 +178,8 @@ class Transformer(nn.Module):
         Targets equal to -100 are ignored (masked fine-tuning).
 
         ``doc_ids`` (B, T) marks packed examples: a token attends only within its own example and
-        positions restart at each one, so a packed row computes what its examples would alone.
+        positions restart at each one, so a packed row computes what its examples would alone. The
+        mask is built once here and shared by every layer (see :func:`attention_impl`).
         ``cache`` continues from the positions already in it (incremental decoding).
         """
         T = idx.shape[1]
@@ -198,7 +188,8 @@ class Transformer(nn.Module):
         mask = None
         if doc_ids is not None:
             positions = document_positions(doc_ids)
-            mask = document_mask(doc_ids)
+            flex = attention_impl(self.cfg, doc_ids.device, self.training) == "flex"
+            mask = document_block_mask(doc_ids) if flex else document_mask(doc_ids)
         elif cache is not None and start > 0 and T > 1:  # a chunk after a cached prefix: causal over both
             mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(start)[None, None]
         x = self.embed_tokens(idx)
@@ -216,8 +207,6 @@ class Transformer(nn.Module):
             cache.length += T
         logits, loss = self.output(x, targets)
         if loss is not None and self.training and self.cfg.ffn.type == "moe":
-            from training.moe import aux_loss
-
             loss = loss + aux_loss(self)  # router load-balancing and z-loss: trained, not evaluated
         return logits, loss
 
@@ -254,6 +243,42 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     T = doc_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
     return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+
+
+def attention_impl(cfg: ModelConfig, device: torch.device, training: bool) -> str:
+    """``flex`` or ``sdpa`` for packed examples, from ``model.attention.impl``.
+
+    ``auto`` takes FlexAttention on CUDA, where the compiled kernel skips the blocks outside every
+    example (a dense mask makes SDPA leave flash attention and compute all T x T pairs), and SDPA
+    elsewhere: torch has no FlexAttention backward on CPU or MPS, and its CPU forward without
+    compile materialises the scores as the dense path does. Flex has no dropout, so dropout while
+    training needs SDPA.
+    """
+    dropout = training and cfg.dropout > 0
+    if cfg.attention.impl == "flex" and dropout:
+        raise ValueError(f"model.attention.impl: flex has no attention dropout (model.dropout is {cfg.dropout}); use sdpa or auto")
+    if cfg.attention.impl == "auto":
+        return "flex" if device.type == "cuda" and not dropout else "sdpa"
+    return cfg.attention.impl
+
+
+@functools.cache
+def _flex(device_type: str):
+    """FlexAttention for ``device_type``: compiled once per process on CUDA (a fused kernel; inside a
+    compiled block it is inlined into the block's graph), eager elsewhere (as torchtitan wraps it)."""
+    return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
+
+
+def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
+    """The :func:`document_mask` as a FlexAttention ``BlockMask``: per 128 x 128 tile, whether it is
+    empty, full or partial, so the kernel skips the tiles between examples and never holds T x T.
+    Built from a ``mask_mod`` (compiled on CUDA, where the eager build would materialise B x T x T)."""
+    B, T = doc_ids.shape
+
+    def same_document_causal(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
+
+    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device, _compile=doc_ids.is_cuda)
 
 
 class LayerKV:
@@ -320,8 +345,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, num_params: int) -> float:
     N excludes embedding lookups that do no matmul: learned positions, and the input table when untied;
     and for a mixture of experts the experts a token is not routed to (N is the active parameters).
     """
-    from training.moe import inactive_parameters
-
     n = num_params - inactive_parameters(cfg)
     if cfg.positional.type == "learned":
         n -= cfg.max_seq_len * cfg.d_model

@@ -32,7 +32,7 @@ from torch import nn
 
 from training.atomic import atomic_path
 from training.config import ModelConfig, TrainConfig
-from training.model import MLP
+from training.mlp import MLP
 
 if TYPE_CHECKING:
     from training.distributed import Dist

@@ -31,9 +31,12 @@ from training import checkpoint as ckpt
 from training import init
 from training.checkpointer import Checkpointer
 from training.config import TrainConfig
-from training.data import BatchLoader, Prefetcher, TokenStream, iter_eval_batches, resolve_shards
+from training.data import Prefetcher, TokenStream
 from training.distributed import Dist, setup
 from training.evaluate import mean_loss, perplexity
+from training.heartbeat import Heartbeat
+from training.id_scan import IdScan
+from training.inputs import pretrain_loaders
 from training.loss import IGNORE_INDEX
 from training.metrics import RunLog, compile_report, device_peak_flops, mfu, system_telemetry, trim_metrics
 from training.model import build_meta_model, count_parameters, flops_per_token
@@ -47,6 +50,7 @@ EXIT_OK = 0
 EXIT_NONFINITE = 3
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+DATA_WAIT_SHOWN = 0.05  # the log line names the share of time spent waiting for batches from here on (metrics.jsonl always has it)
 
 
 @dataclass
@@ -121,19 +125,18 @@ def evaluate(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch
     return float(dist.all_reduce_mean(mean_loss(model, batches, dist.device, precision.autocast)))
 
 
-def _data(cfg: TrainConfig, dist: Dist, warn) -> tuple[Any, Callable[[], Iterator[tuple]] | None]:
-    """The training loader and the validation batches of ``cfg.stage``: token-shard windows for
-    pretraining, chat-template examples for a fine-tuning stage (training/sft/loader.py)."""
+def _data(cfg: TrainConfig, dist: Dist, warn) -> tuple[Any, Callable[[], Iterator[tuple]] | None, list[TokenStream]]:
+    """The training loader, the validation batches of ``cfg.stage`` and the token streams whose ids
+    :class:`IdScan` checks: windows of token shards or of text tokenized on the fly for pretraining
+    (training/inputs.py), chat-template examples for a fine-tuning stage (training/sft/loader.py)."""
+    if not cfg.val_data and "eval_every" in cfg.model_fields_set and dist.is_main:
+        warn(f"val_data: not set, so eval_every={cfg.eval_every} evaluates nothing: no validation loss, "
+             f"no best checkpoint (point val_data at held-out token shards)")
     if cfg.stage != "pretrain":
         from training.sft.loader import build_sft_loaders
 
-        return build_sft_loaders(cfg, dist.rank, dist.world_size, warn if dist.is_main else None)
-    loader = BatchLoader(TokenStream(resolve_shards(cfg.train_data), cfg.seed, cfg.model.vocab_size),
-                         cfg.batch_size, cfg.seq_len, dist.rank, dist.world_size)
-    if not cfg.val_data:
-        return loader, None
-    val_stream = TokenStream(resolve_shards(cfg.val_data, "val_data"), cfg.seed, cfg.model.vocab_size, key="val_data")
-    return loader, lambda: iter_eval_batches(val_stream, cfg.batch_size, cfg.seq_len, cfg.eval_steps, dist.rank, dist.world_size)
+        return (*build_sft_loaders(cfg, dist.rank, dist.world_size, warn if dist.is_main else None), [])
+    return pretrain_loaders(cfg, dist.rank, dist.world_size)
 
 
 def _memory_plan(cfg: TrainConfig, dist: Dist) -> tuple[TrainConfig, str | None]:
@@ -192,7 +195,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
     optimizer = build_optimizer(net, cfg.optimizer, dist.device.type)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.schedule_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision.use_scaler)
-    loader, val_batches = _data(cfg, dist, log.warn)
+    loader, val_batches, streams = dist.agree(lambda: _data(cfg, dist, log.warn))  # one rank's missing data fails all, said once
     checkpoints = Checkpointer(ckpt_dir, dist, cfg.to_plain(), cfg.keep_last_n, cfg.model.tie_embeddings, log.warn)
 
     step, tokens_seen, best_val = 0, 0, math.inf
@@ -248,6 +251,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
     stop.install()
     agreement = MicroStepAgreement(dist, stop)
     batches = Prefetcher(loader, cfg.num_workers, pin=dist.device.type == "cuda")
+    scan = IdScan(streams)  # every shard's ids, while the first steps run
     result = TrainResult(EXIT_OK, step, tokens_seen, 0.0, best_val_loss=best_val, checkpoint_dir=str(ckpt_dir))
 
     def state(loader_state: dict[str, int]) -> dict[str, Any]:
@@ -262,6 +266,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
         return time.perf_counter() - t0
 
     bad_steps, first_step = 0, True
+    heartbeat = Heartbeat("train", "steps", enabled=dist.is_main)  # boot.sh's watchdog: a step is progress
     window_start, window_tokens, window_excluded = time.perf_counter(), 0, 0.0
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     net.train()
@@ -289,6 +294,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                 scaler.update()
                 scheduler.step()
                 step, bad_steps = step + 1, 0
+                heartbeat.beat(step)
                 tokens_seen += tokens_per_step
                 window_tokens += tokens_per_step
             else:
@@ -305,9 +311,12 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                     record({"compile": report})
                 if step % cfg.log_every:
                     window_start, window_tokens, window_excluded = time.perf_counter(), 0, 0.0
+                    batches.take_waited()
             if bad_steps >= cfg.max_bad_steps:
                 save([ckpt.step_tag(step)], block=True)
-                log.info(f"stopping: {bad_steps} non-finite losses in a row; last good weights saved as {ckpt.step_tag(step)} "
+                kept = (f"last good weights saved as {ckpt.step_tag(step)}" if checkpoints.last_saved
+                        else "the weights themselves are no longer finite, so none were saved")
+                log.info(f"stopping: {bad_steps} non-finite losses in a row; {kept} "
                          f"(lower optimizer.lr or check the data, then --resume auto)")
                 result.exit_code = EXIT_NONFINITE
                 break
@@ -317,16 +326,22 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                 util = mfu(tps, fpt, peak, dist.world_size)
                 loss_v, lr = float(loss), scheduler.get_last_lr()[0]
                 eta = (cfg.num_steps - step) * tokens_per_step / tps if tps else 0.0
+                data_wait = min(1.0, batches.take_waited() / elapsed) if elapsed > 0 else 0.0  # share of the window starved of data
                 log.info(f"step {step}/{cfg.num_steps} | loss {loss_v:.4f} | lr {lr:.2e} | gnorm {float(norm):.3f} | "
                          f"{tps:,.0f} tok/s" + (f" | mfu {util:.1%}" if util is not None else "") +
-                         f" | mem {_peak_memory_gb(dist.device):.2f}GB | {1000 * elapsed / max(1, window_tokens // tokens_per_step):.0f}ms/step | eta {_fmt_duration(eta)}")
-                record({"loss": loss_v, "lr": lr, "grad_norm": float(norm), "tokens_per_s": tps, "mfu": util,
+                         f" | mem {_peak_memory_gb(dist.device):.2f}GB | {1000 * elapsed / max(1, window_tokens // tokens_per_step):.0f}ms/step"
+                         + (f" | data wait {data_wait:.0%}" if data_wait >= DATA_WAIT_SHOWN else "") + f" | eta {_fmt_duration(eta)}")
+                record({"loss": loss_v, "lr": lr, "grad_norm": float(norm), "tokens_per_s": tps, "mfu": util, "data_wait": data_wait,
                         "peak_mem_gb": _peak_memory_gb(dist.device), "tokens_seen": tokens_seen, **system_telemetry(dist.device),
                         **moe.collect_stats(model)})
                 result.losses[step] = loss_v
                 window_start, window_tokens, window_excluded = time.perf_counter(), 0, 0.0
             timed = cfg.save_every_minutes is not None and time.monotonic() - checkpoints.last_save > 60 * cfg.save_every_minutes
-            stopping, timed = dist.any_flag(stop.raised, timed and dist.is_main)
+            if step == cfg.num_steps:
+                scan.wait()  # a run never ends "done" on shards holding ids its model cannot embed
+            stopping, timed, bad_ids = dist.any_flag(stop.raised, timed and dist.is_main, scan.failed)
+            if bad_ids:
+                dist.agree(scan.raise_error)
             if stopping:
                 result.exit_code = _stop(stop, dist, checkpoints, cfg, log, step, lambda: save([ckpt.step_tag(step)], True))
                 break

@@ -128,7 +128,7 @@ def write_chat_bundle(base_dir: str | Path, out_dir: str | Path) -> ChatTokenize
     """
     from tokenizers import AddedToken
 
-    from orchestrator.tokenizer import EOT_TOKEN, PAD_TOKEN, TokenizerBundle
+    from training.tokenizer_bundle import EOT_TOKEN, PAD_TOKEN, TokenizerBundle
     from training.atomic import atomic_write_bytes, atomic_write_json
 
     base = TokenizerBundle.load(base_dir)

@@ -10,7 +10,7 @@ Design choices, and why:
 
 - Byte-level BPE with a GPT-4/Llama-3 style split regex (digits in groups of at most three),
   no normalizer, a byte-level decoder and ``ignore_merges``: every UTF-8 text round-trips, and
-  the result is exactly reproducible by ``tiktoken`` (see ``orchestrator.tiktoken_bpe``), which
+  the result is exactly reproducible by ``tiktoken`` (see ``orchestrator.tokenizer.tiktoken_bpe``), which
   the encode stage uses for speed.
 - ``<|endoftext|>`` and ``<|pad|>`` are added after training, so they take the last two ids and
   merged tokens keep ids in merge order (what tiktoken's ranks require).
@@ -26,9 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -37,14 +35,12 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 
 from sharder.manifest import ManifestError, load_manifest
 from sharder.textshard import TextShardError, read_documents
-from training.atomic import atomic_write_bytes, atomic_write_json, read_versioned_json
+from training.atomic import atomic_write_bytes, atomic_write_json
+from training.heartbeat import Heartbeat
+from training.tokenizer_bundle import (
+    EOT_TOKEN, META_FILE, PAD_TOKEN, SPECIAL_TOKENS, TOKENIZER_FILE, TokenizerBundle, TokenizerError, configure_parallelism,
+)
 
-EOT_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
-SPECIAL_TOKENS = (EOT_TOKEN, PAD_TOKEN)
-TOKENIZER_FILE = "tokenizer.json"
-META_FILE = "meta.json"
-META_VERSION = 1
 # Llama-3's split (cl100k family without possessive quantifiers), which both the Oniguruma
 # engine of `tokenizers` and tiktoken's fancy-regex evaluate identically.
 SPLIT_PATTERN = (
@@ -52,85 +48,6 @@ SPLIT_PATTERN = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _BATCH_DOCS = 1000  # documents handed to the Rust trainer per iterator step
-
-
-class TokenizerError(ValueError):
-    """The tokenizer cannot be trained, reused or loaded; the message is one line naming the path."""
-
-
-@dataclass(frozen=True)
-class TokenizerBundle:
-    """A tokenizer on disk plus what the rest of the pipeline needs to know about it."""
-
-    directory: Path
-    vocab_size: int  # full id space: max id + 1, added tokens included
-    eot_id: int
-    pad_id: int
-    fingerprint: str  # sha256 of tokenizer.json: the identity token caches depend on
-    manifest_fingerprint: str | None  # what it was trained on (None for an imported tokenizer)
-    origin: str  # "trained" or "imported"
-    settings: dict[str, Any] = field(default_factory=dict)
-    library: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def tokenizer_json(self) -> Path:
-        return self.directory / TOKENIZER_FILE
-
-    def load_tokenizer(self, encode_special_tokens: bool = True) -> Tokenizer:
-        """The ``tokenizers.Tokenizer``.
-
-        With ``encode_special_tokens`` (the default, and what the encode stage uses) a literal
-        ``<|endoftext|>`` inside a document is encoded as ordinary text, so the end-of-text id
-        in a token stream always marks a real document boundary.
-        """
-        configure_parallelism()
-        try:
-            tok = Tokenizer.from_file(str(self.tokenizer_json))
-        except Exception as exc:  # the Rust loader raises a bare Exception
-            raise TokenizerError(f"{self.tokenizer_json}: cannot load tokenizer: {exc}") from None
-        tok.encode_special_tokens = encode_special_tokens
-        return tok
-
-    def to_meta(self) -> dict[str, Any]:
-        return {
-            "version": META_VERSION,
-            "origin": self.origin,
-            "vocab_size": self.vocab_size,
-            "eot_id": self.eot_id,
-            "pad_id": self.pad_id,
-            "tokenizer_sha256": self.fingerprint,
-            "manifest_fingerprint": self.manifest_fingerprint,
-            "settings": self.settings,
-            "library": self.library,
-        }
-
-    @classmethod
-    def load(cls, directory: str | Path) -> "TokenizerBundle":
-        """Read a bundle and check that ``tokenizer.json`` is the file ``meta.json`` describes."""
-        directory = Path(directory)
-        meta_path = directory / META_FILE
-        meta = read_versioned_json(meta_path, META_VERSION, f"missing (is {directory} a tokenizer bundle?)", TokenizerError)
-        try:
-            bundle = cls(
-                directory=directory,
-                vocab_size=int(meta["vocab_size"]),
-                eot_id=int(meta["eot_id"]),
-                pad_id=int(meta["pad_id"]),
-                fingerprint=meta["tokenizer_sha256"],
-                manifest_fingerprint=meta["manifest_fingerprint"],
-                origin=meta["origin"],
-                settings=meta.get("settings", {}),
-                library=meta.get("library", {}),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise TokenizerError(f"{meta_path}: malformed, bad or missing key {exc}") from None
-        actual = _sha256(bundle.tokenizer_json)
-        if actual != bundle.fingerprint:
-            raise TokenizerError(
-                f"{bundle.tokenizer_json}: sha256 {actual[:12]} does not match {META_FILE} "
-                f"({bundle.fingerprint[:12]}); the bundle was modified, remove {directory} to rebuild it"
-            )
-        return bundle
 
 
 def prepare_tokenizer(
@@ -151,12 +68,11 @@ def prepare_tokenizer(
     A bundle trained on other shards or settings is refused rather than silently reused.
     """
     bundle_dir = Path(bundle_dir)
-    if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
-        raise TokenizerError(f"vocab_size={vocab_size} is too small for a byte-level BPE (at least 259)")
     if tokenizer_json is not None:
         bundle = _import(Path(tokenizer_json), bundle_dir, vocab_size)
         _say(console, f"tokenizer: imported {tokenizer_json} -> {bundle_dir} (vocab {bundle.vocab_size})")
         return bundle, "imported"
+    check_tokenizer_choice(None, vocab_size)
 
     manifest_fp = manifests_fingerprint(text_dirs)
     settings = {
@@ -216,6 +132,7 @@ def sample_documents(text_dirs: list[Path], sample_bytes: int, stats: dict[str, 
     except ManifestError as exc:
         raise TokenizerError(str(exc)) from None
     left = sample_bytes
+    heartbeat = Heartbeat("tokenizer", "bytes sampled")  # boot.sh's watchdog (the merges that follow are not tracked)
     for i, path in enumerate(paths):
         budget = left // (len(paths) - i)
         taken = 0
@@ -230,6 +147,7 @@ def sample_documents(text_dirs: list[Path], sample_bytes: int, stats: dict[str, 
                 batch.append(doc)
                 if len(batch) == _BATCH_DOCS:
                     stats["documents"] += len(batch)
+                    heartbeat.beat(stats["bytes"])
                     yield batch
                     batch = []
         except TextShardError as exc:  # already names the file and line
@@ -238,6 +156,7 @@ def sample_documents(text_dirs: list[Path], sample_bytes: int, stats: dict[str, 
             raise TokenizerError(f"{path}: cannot read text shard: {exc.strerror or exc}") from None
         if batch:
             stats["documents"] += len(batch)
+            heartbeat.beat(stats["bytes"])
             yield batch
         left -= taken
 
@@ -309,8 +228,35 @@ def _sample_progress(console, total: int, stats: dict[str, int]):
         yield tracked
 
 
+def check_tokenizer_choice(tokenizer_json: Path | None, vocab_size: int) -> None:
+    """What :func:`prepare_tokenizer` would refuse, checked without writing anything: orchestrate
+    calls it when it plans, before any stage (a bad --tokenizer-json must not wait for sharding)."""
+    if tokenizer_json is not None:
+        _read_import(Path(tokenizer_json), vocab_size)
+    elif vocab_size < 256 + len(SPECIAL_TOKENS) + 1:  # training one: every byte, the special tokens and a merge
+        raise TokenizerError(f"vocab_size={vocab_size} is too small for a byte-level BPE (at least 259)")
+
+
 def _import(source: Path, bundle_dir: Path, vocab_size: int) -> TokenizerBundle:
     """Copy a tokenizer.json (or a Hugging Face tokenizer directory's) into a bundle."""
+    source, data, ids, eot_id, pad_id = _read_import(source, vocab_size)
+    bundle = TokenizerBundle(
+        directory=bundle_dir,
+        vocab_size=ids,
+        eot_id=eot_id,
+        pad_id=pad_id,
+        fingerprint=hashlib.sha256(data).hexdigest(),
+        manifest_fingerprint=None,
+        origin="imported",
+        settings={"source": str(source.resolve())},
+        library={"tokenizers": tokenizers.__version__},
+    )
+    _write_bundle(bundle, data, training=None)
+    return bundle
+
+
+def _read_import(source: Path, vocab_size: int) -> tuple[Path, bytes, int, int, int]:
+    """(tokenizer.json path, its bytes, id space, end-of-text id, pad id) of an import, validated."""
     config: dict[str, Any] = {}
     if source.is_dir():
         config_path = source / "tokenizer_config.json"
@@ -335,19 +281,7 @@ def _import(source: Path, bundle_dir: Path, vocab_size: int) -> TokenizerBundle:
     eot_id = _special_id(tok, [EOT_TOKEN, _token_name(config.get("eos_token"))], source, "end-of-text")
     pad_name = _token_name(config.get("pad_token"))
     pad_id = _special_id(tok, [PAD_TOKEN, pad_name], source, "pad", default=eot_id)
-    bundle = TokenizerBundle(
-        directory=bundle_dir,
-        vocab_size=ids,
-        eot_id=eot_id,
-        pad_id=pad_id,
-        fingerprint=hashlib.sha256(data).hexdigest(),
-        manifest_fingerprint=None,
-        origin="imported",
-        settings={"source": str(source.resolve())},
-        library={"tokenizers": tokenizers.__version__},
-    )
-    _write_bundle(bundle, data, training=None)
-    return bundle
+    return source, data, ids, eot_id, pad_id
 
 
 def _token_name(entry: Any) -> str | None:
@@ -380,24 +314,6 @@ def _write_bundle(bundle: TokenizerBundle, tokenizer_bytes: bytes, training: dic
     if training is not None:
         meta["training"] = training
     atomic_write_json(bundle.directory / META_FILE, meta)
-
-
-def _sha256(path: Path) -> str:
-    try:
-        with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest()
-    except OSError as exc:
-        raise TokenizerError(f"{path}: cannot read: {exc.strerror}") from None
-
-
-def configure_parallelism() -> None:
-    """Set TOKENIZERS_PARALLELISM before the first tokenizer use unless the user already did.
-
-    Training and batch encoding use every core only with parallelism on. Set explicitly, the
-    variable also stops tokenizers from printing its warning in any child this process forks
-    later (a subprocess launch included); our own workers are spawned, never forked.
-    """
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 
 def _say(console, message: str) -> None:

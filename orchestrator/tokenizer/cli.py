@@ -1,6 +1,6 @@
 """``orchestrate tokenizer train|encode``: the tokenizer and token-shard stages as commands.
 
-Also runnable on its own: ``python -m orchestrator.tokenizer_cli train|encode ...``.
+Also runnable on its own: ``python -m orchestrator.tokenizer.cli train|encode ...``.
 User errors (a missing manifest, a stale tokenizer, a corrupt shard, a full disk) print one
 line and exit 1; an interrupt exits 130 and the next run resumes.
 """
@@ -16,8 +16,9 @@ from typing import Iterator, Optional
 import typer
 from rich.console import Console
 
-from orchestrator.encode import ENGINES, encode_shards
-from orchestrator.tokenizer import TokenizerBundle, TokenizerError, prepare_tokenizer
+from orchestrator.tokenizer.encode import ENGINES, encode_shards
+from orchestrator.tokenizer.bpe import prepare_tokenizer
+from training.tokenizer_bundle import TokenizerBundle, TokenizerError
 
 app = typer.Typer(
     help="Train, reuse or import the BPE tokenizer; encode text shards into token shards.",

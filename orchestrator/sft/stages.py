@@ -14,20 +14,36 @@ that starts from the previous stage's ``final`` checkpoint:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-from orchestrator.sft_cli import sft_dir
+from rich.console import Console
+
+from orchestrator.launch import PipelineError, TrainingExit, launch_training, training_summary
+from orchestrator.sft.cli import sft_dir
 from orchestrator.workspace import Layout
 from training.checkpoint import list_tags
+from training.aliases import canonical_key
 from training.config import SFT_STAGES, ConfigError, dump_config, load_config, read_config_file, validate_config
 from training.sft.records import STAGE_FILES
 
-if TYPE_CHECKING:
-    from orchestrator.pipeline import Pipeline
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What an SFT stage takes from the pipeline run (handed in, so this module never imports the pipeline)."""
+
+    layout: Layout
+    config_path: Path
+    overrides: list[str]
+    nproc: int | None
+    console: Console
 
 PIPELINE_STAGES = ("pretrain", *SFT_STAGES)
 INIT_KEY = "init_from"
+VOCAB_KEY = "model.vocab_size"
 
 
 def parse_stages(spec: str) -> list[str]:
@@ -72,25 +88,59 @@ def finished(checkpoints: Path, config: Path) -> bool:
     return any(tag == "final" and step >= target for step, tag in list_tags(checkpoints))
 
 
-def sft_stage_inputs(pipe: "Pipeline", stage: str, previous: dict[str, Any]) -> dict[str, Any]:
-    data = sft_dir(pipe.layout) / STAGE_FILES[stage]
+def sft_stage_inputs(ctx: StageContext, stage: str, previous: dict[str, Any]) -> dict[str, Any]:
+    data = sft_dir(ctx.layout) / STAGE_FILES[stage]
     ident = (str(data), data.stat().st_size, data.stat().st_mtime_ns) if data.exists() else str(data)
-    common, per_stage = split_overrides(pipe.opts.overrides)  # another stage's overrides do not redo this one
-    return {"previous": previous, "data": ident, "config": pipe.config_path.read_text(encoding="utf-8"),
+    common, per_stage = split_overrides(ctx.overrides)  # another stage's overrides do not redo this one
+    return {"previous": previous, "data": ident, "config": ctx.config_path.read_text(encoding="utf-8"),
             "overrides": common + per_stage[stage]}
 
 
-def run_sft_stage(pipe: "Pipeline", stage: str, previous_stage: str) -> dict[str, Any]:
+def _sets_vocab(item: str) -> bool:
+    key, _, value = item.partition("=")
+    return VOCAB_KEY in canonical_key(key.strip(), value)[0]
+
+
+def check_sft_inputs(layout: Layout, stages: list[str], overrides: list[str]) -> None:
+    """Before any work: each requested SFT stage's prepared file holds records, and no override sets
+    the vocabulary an SFT stage takes from its chat bundle and start checkpoint.
+
+    A common ``model.vocab_size=N`` is the pretraining model's (the SFT stages then add the chat
+    tokens to it); without a pretrain stage, or as ``<stage>.model.vocab_size``, it can only
+    contradict the checkpoint the stage starts from, which would fail hours later.
+    """
+    sft = [s for s in stages if s != "pretrain"]
+    if not sft:
+        return
+    common, per_stage = split_overrides(overrides)
+    owned = [f"{stage}.{item}" for stage in sft for item in per_stage[stage] if _sets_vocab(item)]
+    if "pretrain" not in stages:
+        owned = [item for item in common if _sets_vocab(item)] + owned
+    if owned:
+        raise PipelineError(f"{owned[0]}: an SFT stage's model.vocab_size is the one its start checkpoint has (the pretrained "
+                            f"model's, grown by the chat tokens); drop the override (a plain model.vocab_size=N with "
+                            f"--stages pretrain,... sizes the pretraining model)")
+    for stage in sft:
+        data = sft_dir(layout) / STAGE_FILES[stage]
+        hint = f"run orchestrate sft prepare --stages {stage} --experiment {layout.experiment} --workspace {layout.root} first"
+        if not data.is_file():
+            raise PipelineError(f"{stage}: {data} missing; {hint}")
+        if not data.stat().st_size:
+            raise PipelineError(f"{stage}: {data} holds no record; {hint}")
+
+
+def _start_vocab(start: Path) -> int:
+    """The vocabulary of the checkpoint a stage starts from (its config, written beside the weights)."""
+    return int(json.loads(Path(f"{start}.config.json").read_text(encoding="utf-8"))["model"]["vocab_size"])
+
+
+def run_sft_stage(ctx: StageContext, stage: str, previous_stage: str) -> dict[str, Any]:
     """Steps 1-4 above; returns the stage summary (the trainer's last throughput)."""
-    from orchestrator.pipeline import PipelineError, TrainingExit, launch_training, training_summary
     from training.sft.resize import resize_checkpoint
     from training.sft.template import TemplateError, write_chat_bundle
 
-    L = pipe.layout
+    L = ctx.layout
     data = sft_dir(L) / STAGE_FILES[stage]
-    if not data.exists():
-        raise PipelineError(f"{stage}: {data} missing; run orchestrate sft prepare --stages {stage} "
-                            f"--experiment {L.experiment} --workspace {L.root} first")
     try:
         chat = write_chat_bundle(L.tokenizer, chat_bundle_dir(L))
     except TemplateError as exc:
@@ -103,15 +153,16 @@ def run_sft_stage(pipe: "Pipeline", stage: str, previous_stage: str) -> dict[str
     if previous_stage == "pretrain":  # the first SFT stage: rows for the chat tokens
         base_vocab = chat.vocab_size - len(chat.ids)
         start = resize_checkpoint(prev_ckpt, "final", run / "init", chat.vocab_size, base_vocab, sorted(chat.ids.values()))
-    common, per_stage = split_overrides(pipe.opts.overrides)
-    raw = read_config_file(pipe.config_path)
+    common, per_stage = split_overrides(ctx.overrides)
+    raw = read_config_file(ctx.config_path)
     raw.pop("val_data", None)
     raw.update({"stage": stage, "train_data": str(data), "tokenizer_path": str(chat.directory),
                 "checkpoint_dir": str(run / "checkpoints"), "tensorboard_dir": str(run / "tensorboard"), INIT_KEY: str(start)})
-    raw.setdefault("model", {})["vocab_size"] = max(chat.vocab_size, int(raw.get("model", {}).get("vocab_size", 0)))
-    cfg = validate_config(raw, str(pipe.config_path), common + per_stage[stage])
+    raw.setdefault("model", {})["vocab_size"] = _start_vocab(start)  # owned by the stage: check_sft_inputs refused overrides of it
+    overrides = [item for item in common if not _sets_vocab(item)] + per_stage[stage]  # a common one sized the pretraining model
+    cfg = validate_config(raw, str(ctx.config_path), overrides)
     dump_config(cfg, run / "training.yaml")
-    code = launch_training(run / "training.yaml", pipe.opts.nproc, pipe.console)
+    code = launch_training(run / "training.yaml", ctx.nproc, ctx.console)
     if code != 0:
         raise TrainingExit(code)
     return training_summary(cfg)

@@ -26,7 +26,6 @@ from typing import List, Optional
 import typer
 
 from orchestrator.workspace import Layout, LayoutError
-from sharder.argv import spread_multi_value_flags
 from training.sft.prepare import PrepareError, PrepareOptions, parse_file_flags, parse_source_flags, prepare
 
 EXIT_USAGE = 2
@@ -96,7 +95,7 @@ def init_command(
     from training.checkpoint import CheckpointError
     from training.sft.resize import resize_checkpoint
     from training.sft.template import TemplateError, write_chat_bundle
-    from orchestrator.tokenizer import TokenizerError
+    from training.tokenizer_bundle import TokenizerError
 
     directory, tag = (checkpoint, "final") if checkpoint.is_dir() else (checkpoint.parent, checkpoint.name.split(".")[0])
     try:
@@ -105,7 +104,3 @@ def init_command(
     except (TemplateError, TokenizerError, CheckpointError) as exc:
         _fail(str(exc))
     print(f"stage: instruct  init_from: {start}  tokenizer_path: {chat.directory}  model.vocab_size: {chat.vocab_size} (or more)")
-
-
-def main(args: list[str]) -> None:
-    app(args=spread_multi_value_flags(args, ("--stages", "--source", "--file")), prog_name="orchestrate sft")

@@ -5,7 +5,7 @@ faster per core than ``tokenizers``' ``encode_batch``. A tiktoken ``Encoding`` t
 as ``{token bytes: id}`` and merges the adjacent pair whose concatenation has the lowest rank,
 while ``tokenizers`` merges by position in its merge list. The two agree when the ids of
 merged tokens increase in merge order (true for what ``BpeTrainer`` produces when the special
-tokens are added after training, as ``orchestrator.tokenizer`` does) and the pre-tokenizer is
+tokens are added after training, as ``orchestrator.tokenizer.bpe`` does) and the pre-tokenizer is
 one regex split followed by the byte-to-unicode mapping. Anything else (a normalizer, byte
 fallback, a word suffix, merges out of order) is reported as incompatible, and the caller keeps
 ``tokenizers``. Even when compatible, callers check identity on a sample (``first_mismatch``)

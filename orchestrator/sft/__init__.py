@@ -1,0 +1,1 @@
+"""Fine-tuning in the pipeline: ``orchestrate sft`` (``cli``) and one pipeline stage per SFT phase (``stages``)."""

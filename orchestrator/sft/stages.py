@@ -24,7 +24,8 @@ from orchestrator.launch import PipelineError, TrainingExit, launch_training, tr
 from orchestrator.sft.cli import sft_dir
 from orchestrator.workspace import Layout
 from training.checkpoint import list_tags
-from training.config import SFT_STAGES, ConfigError, dump_config, load_config, read_config_file, validate_config
+from training.config import (PRETRAIN_SCHEDULE, SFT_STAGES, ConfigError, TrainConfig, canonical_paths, drop_pretraining_schedule,
+                             dump_config, load_config, read_config_file, validate_config)
 from training.sft.records import STAGE_FILES
 
 
@@ -93,6 +94,26 @@ def sft_stage_inputs(ctx: StageContext, stage: str, previous: dict[str, Any]) ->
             "overrides": common + per_stage[stage]}
 
 
+def stage_config(ctx: StageContext, stage: str, data: Path, chat_dir: Path, chat_vocab: int, start: Path) -> TrainConfig:
+    """The stage's training config: the pipeline's config without its pretraining schedule (lr,
+    warmup: the stage takes seed 004's unless ``<stage>.optimizer.lr=...`` gives its own), the
+    stage's data, chat bundle, start checkpoint and folders, then the overrides."""
+    common, per_stage = split_overrides(ctx.overrides)
+    pretrain_only = [o for o in common if set(canonical_paths(o)) & set(PRETRAIN_SCHEDULE)]
+    for item in pretrain_only:
+        ctx.console.print(f"[stage] {stage}: {item} applies to pretraining; give the stage its own with {stage}.{item}", markup=False)
+    notes: list[str] = []
+    raw = drop_pretraining_schedule(read_config_file(ctx.config_path), str(ctx.config_path), stage, notes)
+    for note in notes:
+        ctx.console.print(f"[stage] {stage}: {note}", markup=False)
+    raw.pop("val_data", None)
+    run = stage_dir(ctx.layout, stage)
+    raw.update({"stage": stage, "train_data": str(data), "tokenizer_path": str(chat_dir),
+                "checkpoint_dir": str(run / "checkpoints"), "tensorboard_dir": str(run / "tensorboard"), INIT_KEY: str(start)})
+    raw.setdefault("model", {})["vocab_size"] = max(chat_vocab, int(raw.get("model", {}).get("vocab_size", 0)))
+    return validate_config(raw, str(ctx.config_path), [o for o in common if o not in pretrain_only] + per_stage[stage])
+
+
 def run_sft_stage(ctx: StageContext, stage: str, previous_stage: str) -> dict[str, Any]:
     """Steps 1-4 above; returns the stage summary (the trainer's last throughput)."""
     from training.sft.resize import resize_checkpoint
@@ -115,13 +136,7 @@ def run_sft_stage(ctx: StageContext, stage: str, previous_stage: str) -> dict[st
     if previous_stage == "pretrain":  # the first SFT stage: rows for the chat tokens
         base_vocab = chat.vocab_size - len(chat.ids)
         start = resize_checkpoint(prev_ckpt, "final", run / "init", chat.vocab_size, base_vocab, sorted(chat.ids.values()))
-    common, per_stage = split_overrides(ctx.overrides)
-    raw = read_config_file(ctx.config_path)
-    raw.pop("val_data", None)
-    raw.update({"stage": stage, "train_data": str(data), "tokenizer_path": str(chat.directory),
-                "checkpoint_dir": str(run / "checkpoints"), "tensorboard_dir": str(run / "tensorboard"), INIT_KEY: str(start)})
-    raw.setdefault("model", {})["vocab_size"] = max(chat.vocab_size, int(raw.get("model", {}).get("vocab_size", 0)))
-    cfg = validate_config(raw, str(ctx.config_path), common + per_stage[stage])
+    cfg = stage_config(ctx, stage, data, chat.directory, chat.vocab_size, start)
     dump_config(cfg, run / "training.yaml")
     code = launch_training(run / "training.yaml", ctx.nproc, ctx.console)
     if code != 0:

@@ -23,6 +23,7 @@ from rich.console import Console
 
 from training.checkpoint import CheckpointError, NoSuchCheckpoint
 from training.config import CONFIG_SUFFIXES, ConfigError, TrainConfig, load_config
+from training.hf import HFError
 from training.init import InitError, resolve_config
 from training.presets import PresetError
 
@@ -90,7 +91,7 @@ def main_command(
 
             config = str(pick_preset_for_all_ranks())
         cfg = resolve_config(load_config(config, overrides, notes))
-    except (ConfigError, PresetError, InitError) as exc:
+    except (ConfigError, PresetError, InitError, HFError) as exc:
         _fail(str(exc))
     _check_wandb(cfg)
     if is_main:

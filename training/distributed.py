@@ -45,11 +45,18 @@ def resolve_device(spec: str, local_rank: int) -> torch.device:
             spec = "cpu"
     if spec == "cuda":
         spec = f"cuda:{local_rank}"
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"device: {spec!r} is not a device (auto, cpu, cuda, cuda:N or mps)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device: {spec} requested but CUDA is not available")
+            raise ValueError(f"device: {spec} requested but CUDA is not available on this machine (use device=auto or cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {spec} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(device)
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device: {spec} requested but MPS (Apple-silicon GPU) is not available on this machine (use device=auto or cpu)")
     return device
 
 

@@ -18,6 +18,7 @@ a time beyond what the safetensors files map, not a second copy of the model.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -52,6 +53,11 @@ def local_folder(location: str, spec: str) -> Path:
 
         return Path(snapshot_download(location, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
     except Exception as exc:  # offline, unknown repo, gated: huggingface_hub raises several types
+        if type(exc).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):  # HF_HUB_OFFLINE=1 or no network
+            raise HFError(f"init_from {spec}: not a local checkpoint or folder, and not in the Hugging Face cache "
+                          f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) while the hub cannot be reached "
+                          f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}); run once online, or point "
+                          f"init_from at a local folder (huggingface-cli download {location} --local-dir DIR)") from None
         detail = " ".join(str(exc).split())[:200]
         raise HFError(f"init_from {spec}: not a local checkpoint or folder, and not fetched from the Hugging Face hub ({detail})") from None
 

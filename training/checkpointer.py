@@ -52,7 +52,7 @@ class Checkpointer:
 
     def save(self, tags: list[str], step: int, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
              state: dict[str, Any], rng: dict[str, Any], block: bool = False) -> None:
-        """Write ``tags[0]`` (the rest become links to it); ``block`` waits for the write (final, stop)."""
+        """Write ``tags[0]`` (the rest, and ``latest``, become links to it); ``block`` waits for the write (final, stop)."""
         t0 = time.monotonic()
         if self.dist.is_main:
             self.writer.wait()
@@ -61,7 +61,8 @@ class Checkpointer:
         weights = self.dist.model_state(net, self.tied)
         if self.dist.is_main:
             live = ckpt.live_storages(list(net.parameters()), optimizer.state)
-            self.writer.save(ckpt.capture(tags[0], step, weights, full, self.config, live, tags[1:]), block=block)
+            aliases = [*tags[1:], ckpt.LATEST]  # seed 004: the newest save is always there under one name
+            self.writer.save(ckpt.capture(tags[0], step, weights, full, self.config, live, aliases), block=block)
         del full, weights
         self.save_cost = time.monotonic() - t0 + self.writer.last_seconds
         self.last_save = time.monotonic()

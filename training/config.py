@@ -192,6 +192,7 @@ class TrainConfig(_Strict):
     checkpoint_dir: str = "checkpoints"
     save_every: int = Field(1000, ge=1)
     save_every_minutes: float | None = Field(None, gt=0, description="Also checkpoint by wall-clock time")
+    save_every_epoch: bool = Field(False, description="Also checkpoint at the first step after each pass over train_data (seed 004)")
     keep_last_n: int = Field(3, ge=1)
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(500, ge=1)

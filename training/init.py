@@ -49,9 +49,8 @@ class Source:
 def resolve_source(spec: str, label: str = "init_from") -> Source:
     """Decide what ``spec`` names without reading any weights; ``label`` starts error lines (the key or argument)."""
     path = Path(spec)
-    for suffix in ckpt.SUFFIXES:
-        if path.name.endswith(suffix):
-            path = path.with_name(path.name[: -len(suffix)])
+    if not path.is_dir():
+        path = ckpt.tag_path(spec)  # ckpt/best.safetensors, seed 004's ckpt/latest.pt or checkpoint-1000.pt
     if path.is_dir():
         if (path / "config.json").is_file():
             return Source("hf", str(path), spec)
@@ -64,7 +63,7 @@ def resolve_source(spec: str, label: str = "init_from") -> Source:
         if not Path(f"{path}.config.json").is_file():
             raise InitError(f"{label} {spec}: {path}.config.json is missing (the model config of that checkpoint)")
         return Source("podtrain", str(path), spec)
-    if spec.startswith((".", "/", "~")) or spec.endswith(ckpt.SUFFIXES) or (path.parent != Path(".") and path.parent.exists()):
+    if spec.startswith((".", "/", "~")) or spec.endswith((*ckpt.SUFFIXES, ".pt")) or (path.parent != Path(".") and path.parent.exists()):
         raise InitError(f"{label} {spec}: no such checkpoint or folder")
     return Source("hf", spec, spec)  # a hub id: transformers reports it when it cannot be fetched
 

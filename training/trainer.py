@@ -222,6 +222,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
         return time.perf_counter() - t0
 
     bad_steps, first_step = 0, True
+    epoch_seen = batches.state_dict().get("epoch", 0)  # save_every_epoch: a checkpoint when this grows
     window_start, window_tokens, window_excluded = time.perf_counter(), 0, 0.0
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     net.train()
@@ -286,13 +287,18 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                 result.losses[step] = loss_v
                 window_start, window_tokens, window_excluded = time.perf_counter(), 0, 0.0
             timed = cfg.save_every_minutes is not None and time.monotonic() - checkpoints.last_save > 60 * cfg.save_every_minutes
-            stopping, timed = dist.any_flag(stop.raised, timed and dist.is_main)
+            epoch = batches.state_dict().get("epoch", 0)
+            stopping, timed, epoch_end = dist.any_flag(stop.raised, timed and dist.is_main,
+                                                       cfg.save_every_epoch and epoch > epoch_seen)
+            epoch_seen = epoch
             if stopping:
                 result.exit_code = _stop(stop, dist, checkpoints, cfg, log, step, lambda: save([ckpt.step_tag(step)], True))
                 break
             due: list[str] = []  # tags due at this step: written once, the others linked to it
-            if finite and step < cfg.num_steps and cfg.always_save_checkpoint and (step % cfg.save_every == 0 or timed):
+            if finite and step < cfg.num_steps and (cfg.always_save_checkpoint and (step % cfg.save_every == 0 or timed) or epoch_end):
                 due.append(ckpt.step_tag(step))
+                if epoch_end:
+                    log.info(f"step {step}: epoch {epoch} of train_data begins; checkpoint {ckpt.step_tag(step)} (save_every_epoch)")
             if finite and val_batches is not None and (step % cfg.eval_every == 0 or step == cfg.num_steps):
                 t_eval = time.perf_counter()
                 val = evaluate(net, val_batches(), dist, precision)

@@ -52,11 +52,15 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv is not None:
             k, v = kv.append(k, v)
-        # GQA inside the kernel: no repeat_interleave copy of K and V per step.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        y = self.attend(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, H, T, D) queries over (B, Hkv, S, D) keys and values -> (B, H, T, D); causal unless ``mask``."""
+        # GQA inside the kernel: no repeat_interleave copy of K and V per step.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                              dropout_p=self.dropout if self.training else 0.0,
+                                              enable_gqa=self.n_kv_heads != self.n_heads)
 
 
 class LayerKV:

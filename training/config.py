@@ -31,6 +31,8 @@ class _Strict(BaseModel):
 
 
 class AttentionConfig(_Strict):
+    type: Literal["standard", "complex"] = Field(
+        "standard", description="complex: heads as complex vectors, values rotated by the query-key phase (training/complex_attention.py)")
     n_heads: int = Field(8, ge=1)
     n_kv_heads: int | None = Field(None, ge=1, description="GQA/MQA key-value heads; None = n_heads")
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from training.attention import Attention, KVCache, LayerKV, rope_tables
+from training.complex_attention import ComplexAttention
 from training.config import ModelConfig
 from training.loss import linear_cross_entropy
 from training.mlp import MLP
@@ -34,7 +35,7 @@ class Block(nn.Module):
         super().__init__()
         self.parallel = cfg.parallel_layers
         self.input_layernorm = _norm(cfg)
-        self.self_attn = Attention(cfg)
+        self.self_attn = ComplexAttention(cfg) if cfg.attention.type == "complex" else Attention(cfg)
         if not self.parallel:
             self.post_attention_layernorm = _norm(cfg)
         if cfg.ffn.type == "moe":

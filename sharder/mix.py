@@ -41,7 +41,8 @@ def _raw(src: SourceConfig, where: str, cache_dir: str, token: str | None) -> "I
     if src.type == "files":
         spec = resolve_inputs([src.path or ""], where=where)
     else:
-        spec = SourceSpec(kind="hub", dataset=src.dataset, name=src.config, split=src.split, label=where)
+        spec = SourceSpec(kind="hub", dataset=src.dataset, name=src.config, split=src.split, revision=src.revision,
+                          data_dir=src.data_dir, label=where)
     return load_source(spec, cache_dir, token)
 
 

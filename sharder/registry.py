@@ -18,7 +18,8 @@ from training.config import ConfigError, read_config_file
 
 SHIPPED_REGISTRY = Path(__file__).resolve().parents[1] / "configs" / "sources.yaml"
 REGISTRY_VERSION = 1
-_ENTRY_KEYS = {"dataset", "config", "split", "text_field", "fields", "format", "columns", "replacement"}
+_SOURCE_KEYS = ("dataset", "config", "split", "revision", "data_dir", "text_field", "fields", "format")
+_ENTRY_KEYS = {*_SOURCE_KEYS, "columns"}
 
 
 @dataclass
@@ -28,17 +29,12 @@ class Registry:
     entries: dict[str, dict[str, Any]]
 
     def source(self, name: str, where: str) -> SourceConfig:
-        """The SourceConfig of ``name``; unknown or script-only names are ShardErrors naming ``where``."""
+        """The SourceConfig of ``name``; an unknown name is a ShardError naming ``where``."""
 
         entry = self.entries.get(name)
         if entry is None:
             raise ShardError(f"{where}: unknown source {name!r} (known: {', '.join(sorted(self.entries))})")
-        if entry.get("replacement"):
-            raise ShardError(
-                f"{where}: {name} ({entry['dataset']}) needs a dataset loading script, which `datasets` no longer "
-                f"runs; use {entry['replacement']!r} instead"
-            )
-        keys = {k: entry[k] for k in ("dataset", "config", "split", "text_field", "fields", "format") if k in entry}
+        keys = {k: entry[k] for k in _SOURCE_KEYS if k in entry}
         return SourceConfig(type="hf", name=name, **keys)
 
 

@@ -31,6 +31,8 @@ class SourceConfig(Strict):
     dataset: str | None = None
     config: str | None = None
     split: str = "train"
+    revision: str | None = Field(None, description="hf: the hub revision (refs/convert/parquet: the Hub's parquet conversion)")
+    data_dir: str | None = Field(None, description="hf: the folder of the repository to read (a config of the parquet conversion)")
     path: str | None = None
     text_field: str = "text"
     fields: list[str] | None = None

@@ -69,6 +69,8 @@ class SourceSpec:
     dataset: str | None = None
     name: str | None = None
     split: str = "train"
+    revision: str | None = None  # hub: a branch or ref (refs/convert/parquet: the Hub's parquet conversion)
+    data_dir: str | None = None  # hub: the repository folder to read
     files: tuple[Path, ...] = ()
     columns: tuple[str, ...] | None = None  # known before streaming (parquet footers), else None
     label: str | None = None  # how the user typed it when not as --dataset (orchestrate's --input hf:..., a recipe's "--data r.yaml: source wiki")
@@ -83,7 +85,8 @@ class SourceSpec:
     def describe(self) -> dict[str, Any]:
         """The manifest's ``source``: enough to refuse resuming from something else."""
         if self.kind == "hub":
-            return {"type": "hub", "dataset": self.dataset, "name": self.name, "split": self.split}
+            where = {k: v for k, v in (("revision", self.revision), ("data_dir", self.data_dir)) if v}  # set only: older manifests still match
+            return {"type": "hub", "dataset": self.dataset, "name": self.name, "split": self.split, **where}
         return {
             "type": self.kind,
             "split": self.split,
@@ -333,7 +336,8 @@ def load_source(spec: SourceSpec, cache_dir: str, token: str | None) -> "Iterabl
     try:
         if spec.kind == "hub":
             dataset = load_dataset(
-                spec.dataset, name=spec.name, split=spec.split, streaming=True, token=token, cache_dir=cache_dir
+                spec.dataset, name=spec.name, split=spec.split, revision=spec.revision, data_dir=spec.data_dir,
+                streaming=True, token=token, cache_dir=cache_dir
             )
         else:
             dataset = load_dataset(

@@ -80,11 +80,6 @@ def test_an_alias_and_its_canonical_key_must_agree_in_a_file(tmp_path) -> None:
         load_config(path)
 
 
-def test_dataset_is_not_an_alias_and_says_what_to_use(base) -> None:
-    with pytest.raises(ConfigError, match=r"dataset: unknown key \(no podtrain equivalent: point train_data/val_data at token shards"):
-        load_config(base, ["dataset=openwebtext"])
-
-
 def test_init_from_is_a_podtrain_key(base) -> None:
     assert load_config(base, ["init_from=resume"]).init_from == "resume"
 

@@ -118,7 +118,6 @@ def test_qa_fields_are_formatted_exactly_and_min_text_length_applies_per_source(
     ({"sources": ["wikipedia", "c4"], "mix_strategy": "weighted", "source_weights": [1, 2, 3]},
      "data.source_weights: 3 weights for 2 sources (wikipedia, c4)"),
     ({"sources": ["wikipedia", "wikipeda"]}, "data.sources[1]: unknown source 'wikipeda' (known: "),
-    ({"sources": ["openwebtext"]}, "needs a dataset loading script, which `datasets` no longer runs; use 'fineweb'"),
     ({"sources": ["c4"], "mix_strategy": "blend"}, "data.mix_strategy: Input should be 'round_robin', 'sequential' or 'weighted'"),
     ({"sources": [{"type": "hf", "dataset": "x/y", "fields": ["q"], "format": "{q} {a}"}]},
      "format uses a which is not in fields"),
@@ -155,15 +154,21 @@ _ARROW = {"string": pa.string(), "float64": pa.float64(), "int64": pa.int64()}
 
 
 def _local_hub_folder(root: Path, name: str, entry: dict) -> Path:
-    """A folder laid out like the hub dataset (README configs + parquet with the registry's schema)."""
+    """A folder laid out like the hub dataset (README configs + parquet with the registry's schema), or,
+    for an entry read from the Hub's parquet conversion (revision refs/convert/parquet), like that
+    branch: ``<config>/partial-<split>/0000.parquet`` and no card, as for datasets past 5 GB."""
     folder = root / name
     config = entry.get("config") or "default"
-    (folder / config).mkdir(parents=True)
     schema = pa.schema([(col, _ARROW[kind]) for col, kind in entry["columns"].items()])
     rows = []
     for i in range(4):
         row = {col: (f"{name} {col} {i} " * 3 if kind == "string" else i) for col, kind in entry["columns"].items()}
         rows.append(row)
+    if entry.get("revision") == "refs/convert/parquet":
+        (folder / entry["data_dir"] / f"partial-{entry['split']}").mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / entry["data_dir"] / f"partial-{entry['split']}" / "0000.parquet")
+        return folder
+    (folder / config).mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / config / f"{entry['split']}-00000.parquet")
     card = {"configs": [{"config_name": config, "data_files": [
         {"split": entry["split"], "path": f"{config}/{entry['split']}-*.parquet"}]}]}
@@ -173,8 +178,9 @@ def _local_hub_folder(root: Path, name: str, entry: dict) -> Path:
 
 def test_every_registry_source_loads_its_schema_through_the_hub_code_path(tmp_path):
     shipped = yaml.safe_load(SHIPPED_REGISTRY.read_text())["sources"]
-    streamable = {name: entry for name, entry in shipped.items() if "replacement" not in entry}
-    assert {"fineweb", "fineweb-edu", "wikipedia", "c4", "common_crawl", "pile_subset"} <= set(streamable)
+    streamable = shipped
+    assert {"fineweb", "fineweb-edu", "wikipedia", "c4", "common_crawl", "pile_subset", "openwebtext", "bookcorpus"} <= set(streamable)
+    assert shipped["openwebtext"]["revision"] == shipped["bookcorpus"]["revision"] == "refs/convert/parquet"
     user = {"version": 1, "sources": {name: {**entry, "dataset": str(_local_hub_folder(tmp_path / "hub", name, entry))}
                                       for name, entry in streamable.items()}}
     (tmp_path / "my_sources.yaml").write_text(yaml.safe_dump(user), encoding="utf-8")
@@ -184,8 +190,9 @@ def test_every_registry_source_loads_its_schema_through_the_hub_code_path(tmp_pa
     totals = load_manifest(tmp_path / "out").source_totals()
     assert {name: counts[0] for name, counts in totals.items()} == {n: (2 if n == "wikipedia" else 4) for n in streamable}
     assert docs[0] == "fineweb text 0 " * 3
-    assert "Q: natural_questions query 0 " * 1 in docs[-4]
-    assert docs[-4] == f"Q: {'natural_questions query 0 ' * 3}\nA: {'natural_questions answer 0 ' * 3}"
+    questions = [d for d in docs if d.startswith("Q: ")]
+    assert questions[0] == f"Q: {'natural_questions query 0 ' * 3}\nA: {'natural_questions answer 0 ' * 3}"
+    assert {"openwebtext text 3 " * 3, "bookcorpus text 3 " * 3} <= set(docs)  # through revision + data_dir
 
 
 def _make_pdf(path: Path, pages: list[list[str]]) -> None:

@@ -7,15 +7,20 @@ went, so the user learns podtrain's name the first time. Aliases are top-level k
 config file or in a ``key=value`` override; a canonical key given too wins only if it agrees.
 
 ``min_lr`` (absolute in nanoGPT) becomes ``scheduler.min_lr_ratio`` once the peak learning rate
-is known, so it is resolved after every override. ``dataset`` has no equivalent here: it stays an
-unknown key, and the error carries the hint of ``NO_EQUIVALENT``. (nanoGPT's ``init_from`` is a
-podtrain key of the same name: training/init.py.)
+is known, so it is resolved after every override. ``dataset=NAME`` sets two keys to different
+values, as nanoGPT reads them: ``train_data = data/NAME/train.bin`` and ``val_data =
+data/NAME/val.bin`` relative to the current directory, and ``model.vocab_size`` from
+``data/NAME/meta.pkl`` when there is one. (nanoGPT's ``init_from`` is a podtrain key of the same
+name: training/init.py.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
+
+from training.token_shards import TokenShardError, nanogpt_vocab
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,14 @@ class Alias:
     target: tuple[str, ...]  # canonical dotted paths this alias sets
     convert: Callable[[Any], Any] = lambda v: v
     origin: str = "nanoGPT"
+    expand: Callable[[Any], dict[str, Any]] | None = None  # a value per path, when the paths differ (dataset)
+
+    def values(self, value: Any) -> dict[str, Any]:
+        """Each canonical path with the value the alias gives it."""
+        if self.expand is not None:
+            return self.expand(value)
+        converted = self.convert(value)
+        return {path: converted for path in self.target}
 
 
 def _decay(value: Any) -> Any:
@@ -30,6 +43,19 @@ def _decay(value: Any) -> Any:
     if isinstance(value, bool):
         return "cosine" if value else "constant"
     return value  # not a bool: let the schema reject it under the canonical name
+
+
+def _nanogpt_dataset(value: Any) -> dict[str, Any]:
+    """nanoGPT ``dataset=NAME``: ``data/NAME/{train,val}.bin``, and meta.pkl's vocabulary when present."""
+    root = Path("data") / str(value)
+    values: dict[str, Any] = {"train_data": str(root / "train.bin"), "val_data": str(root / "val.bin")}
+    try:
+        vocab = nanogpt_vocab(root)
+    except TokenShardError as exc:
+        raise AliasError(f"dataset={value}: {exc}") from None
+    if vocab is not None:
+        values["model.vocab_size"] = vocab
+    return values
 
 
 ALIASES: dict[str, Alias] = {
@@ -56,6 +82,7 @@ ALIASES: dict[str, Alias] = {
     "beta1": Alias(("optimizer.beta1",)),
     "beta2": Alias(("optimizer.beta2",)),
     "grad_clip": Alias(("optimizer.grad_clip",)),
+    "dataset": Alias(("train_data", "val_data"), expand=_nanogpt_dataset),
     # seed 004 (Hugging Face TrainingArguments names)
     "per_device_train_batch_size": Alias(("batch_size",), origin="transformers"),
     "logging_steps": Alias(("log_every",), origin="transformers"),
@@ -66,9 +93,6 @@ ALIASES: dict[str, Alias] = {
 }
 
 MIN_LR = "min_lr"  # absolute floor, resolved against optimizer.lr by resolve_min_lr
-NO_EQUIVALENT = {
-    "dataset": "point train_data/val_data at token shards (docs/data.md)",
-}
 
 
 class AliasError(ValueError):
@@ -95,10 +119,10 @@ def _set(data: dict[str, Any], path: str, value: Any) -> None:
     node[leaf] = value
 
 
-def canonical_key(key: str, value: Any) -> tuple[tuple[str, ...], Any]:
-    """The canonical paths an override key stands for, and its value converted for them."""
+def canonical_key(key: str, value: Any) -> dict[str, Any]:
+    """The canonical paths an override key stands for, each with its value."""
     alias = ALIASES.get(key)
-    return (alias.target, alias.convert(value)) if alias else ((key,), value)
+    return alias.values(value) if alias else {key: value}
 
 
 def rename_aliases(data: dict[str, Any], source: str, notes: list[str]) -> dict[str, Any]:
@@ -108,20 +132,23 @@ def rename_aliases(data: dict[str, Any], source: str, notes: list[str]) -> dict[
     """
     for key in [k for k in data if k in ALIASES]:
         alias = ALIASES[key]
-        value = alias.convert(data.pop(key))
-        for path in alias.target:
+        raw = data.pop(key)
+        for path, value in alias.values(raw).items():
             existing = _get(data, path)
             if existing is not None and existing != value:
-                raise AliasError(f"{source}: {key}={value!r} ({alias.origin} name) and {path}={existing!r} disagree; keep one")
+                raise AliasError(f"{source}: {key}={raw!r} ({alias.origin} name) and {path}={existing!r} disagree; keep one")
             _set(data, path, value)
-        notes.append(describe(key, value))
+        notes.append(describe(key, raw))
     return data
 
 
 def describe(key: str, value: Any) -> str:
     """The one line telling the user which canonical key an alias set."""
     alias = ALIASES[key]
-    return f"{key} ({alias.origin} name) set {' and '.join(alias.target)} = {value}"
+    values = alias.values(value)
+    if len(set(map(repr, values.values()))) == 1:
+        return f"{key} ({alias.origin} name) set {' and '.join(values)} = {next(iter(values.values()))}"
+    return f"{key} ({alias.origin} name) set " + ", ".join(f"{path} = {v}" for path, v in values.items())
 
 
 def resolve_min_lr(data: dict[str, Any], default_lr: float, notes: list[str]) -> dict[str, Any]:

@@ -1,12 +1,21 @@
-"""``train CONFIG [key=value ...] [--resume PATH|auto] [--dry-run]``.
+"""``train [CONFIG | --config CONFIG] [key=value ...] [--resume PATH|auto] [--dry-run]``.
 
 Seed 004's ``scripts/pretrain.py`` flags are accepted as aliases: ``--preset NAME`` (the config),
 ``--tokenizer``, ``--processed-dir``, ``--output-dir``, ``--run-name``, ``--batch-size``,
 ``--grad-accum``, ``--learning-rate``, ``--seq-len``, ``--save-steps``, ``--save-total-limit``,
 ``--disable-eval``, ``--active-expert``, ``--expert-checkpoint-dir`` (training/seed004_flags.py).
 
-With no config, a numbered menu of presets on rank 0 (a terminal, or one line piped on stdin);
-with neither, a clear error instead of waiting for input that never comes (CI, a pod's boot script).
+With no arguments at all, a numbered menu of presets on rank 0 (a terminal, or one line piped on
+stdin); with neither, a clear error instead of waiting for input that never comes (CI, a pod's boot
+script). With ``key=value`` overrides but no config, nanoGPT's ``train.py`` defaults
+(``configs/gpt2_124m.yaml``), as ``python train.py batch_size=32`` starts from them (seed 001).
+
+A seed 000 JSON preset with a ``data:`` section has its data prepared first, through the
+orchestrator's pipeline (shard, tokenizer, encode; each skipped when done), so ``train PRESET.json``
+is the seed's one command. Imports flow orchestrator -> training and never back; this entry point
+is the one place that crosses, and only lazily, inside the function that needs it
+(:func:`_prepare_preset_data`): everything else in ``training`` runs without the orchestrator
+being imported, and ``python -m training`` is what torchrun and the orchestrator both launch.
 
 Exit codes: 0 done, 1 an error while running (a checkpoint that cannot be written), 2 bad config,
 flags or data, 3 diverged, 130/143 stopped by SIGINT/SIGTERM. An error is one line on stderr,
@@ -30,7 +39,7 @@ from training.checkpoint import CheckpointError, NoSuchCheckpoint
 from training.config import CONFIG_SUFFIXES, ConfigError, TrainConfig, load_config
 from training.hf import HFError
 from training.init import InitError, resolve_config
-from training.presets import PresetError
+from training.presets import NANOGPT_DEFAULTS, PresetError, has_data_section, prepare_for_all_ranks
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -78,8 +87,10 @@ def describe(cfg: TrainConfig) -> str:
 
 @app.command()
 def main_command(
-    config: Optional[str] = typer.Argument(None, help="YAML, JSON or TOML config; omit for the preset menu"),
+    config: Optional[str] = typer.Argument(None, help="YAML, JSON or TOML config; omit for nanoGPT's defaults "
+                                           "(configs/gpt2_124m.yaml), or omit everything for the preset menu"),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, dotted for nested keys"),
+    config_option: Optional[str] = typer.Option(None, "--config", help="the config, as a flag (seed 002's `train -- --config FILE`)"),
     resume: Optional[str] = typer.Option(None, "--resume", help="checkpoint tag path, a directory, or 'auto'"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config, parameter count and GPU memory plan, then exit"),
 ) -> None:
@@ -87,14 +98,23 @@ def main_command(
     if config is not None and "=" in config and not config.lower().endswith(CONFIG_SUFFIXES):
         overrides.insert(0, config)
         config = None
+    if config_option is not None:
+        if config is not None:
+            _fail(f"--config {config_option} and {config}: give the config once")
+        config = config_option
     console = Console(highlight=False, soft_wrap=True)
     is_main = _launched_rank() == 0
     notes: list[str] = []
     try:
-        if config is None:
+        if config is None and overrides:
+            config = str(NANOGPT_DEFAULTS)
+            notes.append(f"no config given: nanoGPT's train.py defaults from {NANOGPT_DEFAULTS}")
+        elif config is None:
             from training.presets import pick_preset_for_all_ranks
 
             config = str(pick_preset_for_all_ranks())
+        if has_data_section(config) and not dry_run:
+            prepare_for_all_ranks(lambda: _prepare_preset_data(config, console))
         cfg = resolve_config(load_config(config, overrides, notes))
     except (ConfigError, PresetError, InitError, HFError) as exc:
         _fail(str(exc))
@@ -121,6 +141,16 @@ def main_command(
     except CheckpointError as exc:  # a checkpoint that cannot be written or read while running
         _fail(str(exc), EXIT_ERROR)
     raise typer.Exit(result.exit_code)
+
+
+def _prepare_preset_data(config: str, console: Console) -> None:
+    """Seed 000: the preset's ``data:`` through the orchestrator's pipeline, up to its token shards.
+
+    The one import of ``orchestrator`` from ``training``, deferred to here (see the module docstring).
+    """
+    from orchestrator.preset_data import prepare_preset_data
+
+    prepare_preset_data(config, console)
 
 
 def main() -> None:

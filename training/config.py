@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from training.aliases import ALIASES, NO_EQUIVALENT, AliasError, canonical_key, describe, rename_aliases, resolve_min_lr
+from training.aliases import ALIASES, AliasError, canonical_key, describe, rename_aliases, resolve_min_lr
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".toml")
 
@@ -302,18 +302,21 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    """``a.b=value`` -> (canonical dotted paths, value parsed as a YAML scalar)."""
+def _split_override(item: str) -> tuple[str, Any]:
+    """``a.b=value`` -> (key as typed, value parsed as a YAML scalar)."""
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected key=value (for example optimizer.lr=1e-3)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        return key, yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
-        value = raw
-    paths, value = canonical_key(key, value)
-    return list(paths), value
+        return key, raw
+
+
+def _parse_override(item: str) -> dict[str, Any]:
+    """``a.b=value`` -> each canonical dotted path with its value."""
+    return canonical_key(*_split_override(item))
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], notes: list[str] | None = None) -> dict[str, Any]:
@@ -322,11 +325,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], notes: list[str]
     An alias (``learning_rate=1e-3``) sets its canonical key, so it overrides the file's value.
     """
     for item in overrides:
-        paths, value = _parse_override(item)
-        key = item.partition("=")[0].strip()
+        key, value = _split_override(item)
         if notes is not None and key in ALIASES:
             notes.append(describe(key, value))
-        for path in paths:
+        for path, value in canonical_key(key, value).items():
             node = data
             parts = path.split(".")
             for part in parts[:-1]:
@@ -343,13 +345,13 @@ def format_validation_error(exc: ValidationError, source: str, overrides: list[s
 
     An error under a key set on the command line names that override, not the file.
     """
-    by_path = {path: item for item in overrides or [] for path in _parse_override(item)[0]}
+    by_path = {path: item for item in overrides or [] for path in _parse_override(item)}
     parts: list[tuple[str, str]] = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key" + (f" (no podtrain equivalent: {NO_EQUIVALENT[loc]})" if loc in NO_EQUIVALENT else "")
+            msg = "unknown key"
         elif "input" in err and not isinstance(err["input"], (dict, list)) and err["type"] != "missing":
             msg = f"{msg} (got {err['input']!r})"
         origin = next((f"command line override {item}" for path, item in by_path.items()

@@ -26,37 +26,82 @@ import queue
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
 
-from training.token_shards import TOKEN_SUFFIXES, check_token_ids, open_tokens, read_header
+from training.token_shards import NANOGPT_SUFFIX, TOKEN_SUFFIXES, check_token_ids, open_tokens, read_header
 
 
 class DataError(ValueError):
     """The configured data cannot be read; the message names the key and path."""
 
 
-def resolve_shards(spec: str | list[str], key: str = "train_data") -> list[Path]:
-    """Expand a path, glob, directory or list of them into token shard files (sorted, deduplicated)."""
+# Text files the trainer tokenizes on the fly (training/text_data.py), longest suffix first.
+TEXT_SUFFIX_KINDS = (
+    (".jsonl.gz", "json"), (".json.gz", "json"), (".txt.gz", "text"),
+    (".parquet", "parquet"), (".jsonl", "json"), (".json", "json"), (".txt", "text"),
+)
+TEXT_SUFFIXES = tuple(suffix for suffix, _ in TEXT_SUFFIX_KINDS)
+
+
+def text_kind(path: Path) -> str | None:
+    """``parquet``, ``json`` or ``text`` for a text input file, None for anything else."""
+    return next((kind for suffix, kind in TEXT_SUFFIX_KINDS if path.name.endswith(suffix)), None)
+
+
+def _kind(path: Path) -> str | None:
+    if path.name.endswith(TOKEN_SUFFIXES) or path.name.endswith(NANOGPT_SUFFIX):
+        return "tokens"
+    return "text" if text_kind(path) else None
+
+
+def _visible(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".")
+
+
+def resolve_inputs(spec: str | list[str], key: str = "train_data") -> tuple[str, list[Path]]:
+    """Expand a path, glob, directory or list of them into input files (in order, deduplicated) and
+    say which kind they are: ``tokens`` (``.tok`` shards, nanoGPT ``.bin``) or ``text``.
+
+    A directory gives its ``.tok`` shards, or when it has none every text file under it (seed 004's
+    ``processed/pretrain/<dataset>/*.jsonl`` included), sorted by path. Kinds cannot be mixed.
+    """
     items = [spec] if isinstance(spec, str) else list(spec)
     found: list[Path] = []
     for item in items:
         path = Path(item)
         if any(ch in item for ch in "*?["):
-            matches = [Path(p) for p in sorted(glob.glob(item)) if Path(p).is_file()]
+            matches = [Path(p) for p in sorted(glob.glob(item, recursive=True)) if _visible(Path(p)) and _kind(Path(p))]
         elif path.is_dir():
-            matches = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(TOKEN_SUFFIXES))
+            matches = sorted(p for p in path.iterdir() if _visible(p) and p.name.endswith(TOKEN_SUFFIXES))
+            matches = matches or sorted(p for p in path.rglob("*") if _visible(p) and text_kind(p))
         elif path.is_file():
+            if _kind(path) is None:
+                raise DataError(f"{key}: {item} is neither token shards ({', '.join(TOKEN_SUFFIXES)}, nanoGPT {NANOGPT_SUFFIX}) "
+                                f"nor text ({', '.join(TEXT_SUFFIXES)})")
             matches = [path]
         else:
             raise DataError(f"{key}: {item} does not exist")
         if not matches:
-            raise DataError(f"{key}: no token shards ({', '.join(TOKEN_SUFFIXES)}) found at {item}")
+            raise DataError(f"{key}: no token shards ({', '.join(TOKEN_SUFFIXES)}) or text files ({', '.join(TEXT_SUFFIXES)}) "
+                            f"found at {item}")
         found.extend(matches)
     unique = list(dict.fromkeys(p.resolve() for p in found))
-    return unique
+    kinds = {_kind(p) for p in unique}
+    if len(kinds) > 1:
+        raise DataError(f"{key}: mixes token shards and text files; give one kind (tokenize the text with orchestrate, "
+                        "or point at the text alone)")
+    return kinds.pop(), unique
+
+
+def resolve_shards(spec: str | list[str], key: str = "train_data") -> list[Path]:
+    """Like :func:`resolve_inputs`, for readers of token shards only (text is an error naming ``key``)."""
+    kind, paths = resolve_inputs(spec, key)
+    if kind != "tokens":
+        raise DataError(f"{key}: {paths[0]} is text; this reads token shards ({', '.join(TOKEN_SUFFIXES)}, nanoGPT {NANOGPT_SUFFIX})")
+    return paths
 
 
 @dataclass
@@ -141,13 +186,32 @@ class TokenStream:
         return asdict(self.state)
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if "row" in state:
+            raise DataError(f"{self.key}: the checkpoint's reader position is for text files, not token shards")
         self.state = StreamState(**{k: int(v) for k, v in state.items()})
+
+    def rewind(self) -> None:
+        """Back to the start of epoch 0 (validation reads the same windows every time)."""
+        self.state = StreamState()
+
+    def close(self) -> None:
+        """Nothing is held open (every read maps its shard anew)."""
+
+
+class WindowStream(Protocol):
+    """What the batch loader needs of a stream: TokenStream here, TextStream (training/text_data.py)."""
+
+    def read_rows(self, n: int, seq_len: int) -> np.ndarray: ...
+    def state_dict(self) -> dict[str, int]: ...
+    def load_state_dict(self, state: dict[str, int]) -> None: ...
+    def rewind(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class BatchLoader:
     """Micro-batches ``(x, y)`` of shape (B, T) for one rank, with the stream position as state."""
 
-    def __init__(self, stream: TokenStream, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, stream: WindowStream, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1) -> None:
         self.stream, self.B, self.T = stream, batch_size, seq_len
         self.rank, self.world = rank, world_size
 
@@ -161,6 +225,9 @@ class BatchLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.stream.load_state_dict(state)
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 class Prefetcher:
@@ -218,11 +285,14 @@ class Prefetcher:
 
     def close(self) -> None:
         self._stop.set()
+        close = getattr(self.loader, "close", None)  # a text reader's tokenizing thread (the SFT loader holds none)
+        if close is not None:
+            close()
 
 
-def iter_eval_batches(stream: TokenStream, batch_size: int, seq_len: int, steps: int, rank: int, world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iter_eval_batches(stream: WindowStream, batch_size: int, seq_len: int, steps: int, rank: int, world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``steps`` batches of the validation stream, from its start every time: the same windows at every eval."""
-    stream.load_state_dict(asdict(StreamState()))
+    stream.rewind()
     loader = BatchLoader(stream, batch_size, seq_len, rank, world)
     for _ in range(steps):
         yield loader.next_batch()

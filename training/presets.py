@@ -1,6 +1,7 @@
 """The preset menu of ``train`` with no config, and seed 000's JSON preset shape.
 
-The menu lists ``configs/*.yaml`` and ``configs/*.json`` with their descriptions. Under torchrun
+The menu lists the training configs among ``configs/*.yaml`` and ``configs/*.json`` (a file with a
+``model`` or ``train_data`` key: the sources registry beside them is not one) with their descriptions. Under torchrun
 only rank 0 asks (every rank inherits torchrun's stdin, so two readers would split the answer);
 the choice reaches the other ranks through torchrun's own key-value store before any process
 group exists, because the backend depends on the config being chosen.
@@ -26,8 +27,11 @@ import yaml
 from training.token_shards import TOKEN_SUFFIX, TokenShardError, read_header
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+NANOGPT_DEFAULTS = PROJECT_ROOT / "configs" / "gpt2_124m.yaml"  # `train key=value` without a config (seed 001)
 PRESET_SUFFIXES = (".yaml", ".yml", ".json")
 STORE_KEY = "podtrain/preset"
+DATA_READY_KEY = "podtrain/data-ready"
+DATA_WAIT = datetime.timedelta(days=2)  # ranks other than 0 wait this long for rank 0 to prepare a preset's data
 PIPE_WAIT_S = 30.0  # a piped stdin gets this long to deliver the choice; a pod's closed stdin fails at once
 
 
@@ -41,13 +45,21 @@ def preset_dirs() -> list[Path]:
     return list(dict.fromkeys(d.resolve() for d in dirs if d.is_dir()))
 
 
-def _description(path: Path) -> str | None:
+def _read_mapping(path: Path) -> dict[str, Any] | None:
+    """A JSON or YAML file's top-level mapping; None when it is unreadable or not a mapping."""
     try:
         text = path.read_text(encoding="utf-8")
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (OSError, ValueError, yaml.YAMLError):
-        return None  # not a config: not listed
-    return str(data.get("description", "")) if isinstance(data, dict) else None
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _description(path: Path) -> str | None:
+    data = _read_mapping(path)
+    if data is None or not ({"model", "train_data"} & set(data)):
+        return None  # not a training config (configs/sources.yaml): not listed
+    return str(data.get("description", ""))
 
 
 def list_presets() -> list[tuple[Path, str]]:
@@ -102,14 +114,14 @@ def _ask_stdin(prompt: str) -> str:
     return line
 
 
-def _launcher_store():
+def _launcher_store(timeout: datetime.timedelta = datetime.timedelta(hours=1)):
     """torchrun's key-value store (rank 0's choice reaches the others through it), or None alone."""
     if "LOCAL_RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return None
     from torch.distributed import TCPStore
 
     return TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                    timeout=datetime.timedelta(hours=1), wait_for_workers=False)
+                    timeout=timeout, wait_for_workers=False)
 
 
 def pick_preset_for_all_ranks() -> Path:
@@ -126,6 +138,29 @@ def pick_preset_for_all_ranks() -> Path:
     return Path(store.get(STORE_KEY).decode())
 
 
+def prepare_for_all_ranks(prepare: Callable[[], None]) -> None:
+    """Rank 0 runs ``prepare``; under torchrun the other ranks wait for its word in torchrun's store.
+
+    No process group exists yet (the backend depends on the config), and preparing data can take
+    hours, so the wait is a key in the launcher's store with a long timeout, not a collective. A
+    failure on rank 0 is passed on, so every rank stops with the same line.
+    """
+    store = _launcher_store(DATA_WAIT)
+    if int(os.environ.get("RANK", 0)) != 0 and store is not None:
+        word = store.get(DATA_READY_KEY).decode()
+        if word != "ok":
+            raise PresetError(word)
+        return
+    try:
+        prepare()
+    except Exception as exc:
+        if store is not None:
+            store.set(DATA_READY_KEY, f"rank 0 could not prepare the data: {exc}")
+        raise
+    if store is not None:
+        store.set(DATA_READY_KEY, "ok")
+
+
 # -- seed 000's JSON preset shape --------------------------------------------------------------
 
 SEED000_KEYS = {
@@ -139,6 +174,14 @@ SEED000_KEYS = {
 
 def is_seed000(data: dict[str, Any]) -> bool:
     return isinstance(data.get("train"), dict) and isinstance(data.get("model"), dict) and "hidden_size" in data["model"]
+
+
+def has_data_section(path: str | Path) -> bool:
+    """A seed 000 preset whose ``data:`` names sources: ``train`` prepares them before training."""
+    data = _read_mapping(Path(path)) if Path(path).suffix in PRESET_SUFFIXES else None
+    section = (data or {}).get("data")
+    return (data is not None and is_seed000(data) and isinstance(section, dict)
+            and bool(section.get("sources") or section.get("custom_sources")))
 
 
 def _world_size() -> int:
@@ -166,7 +209,7 @@ def from_seed000(data: dict[str, Any], source: str, notes: list[str]) -> dict[st
             if key not in allowed:
                 raise PresetError(f"{source}: {section + '.' if section else ''}{key}: unknown key in a seed 000 preset "
                                   f"(known: {', '.join(sorted(allowed))})")
-    model, train, src = data["model"], data["train"], data.get("data", {})
+    model, train = data["model"], data["train"]
     name = str(data.get("name") or Path(source).stem)
     missing = [f"{sec}.{key}" for sec, node, keys in (("model", model, ("hidden_size", "num_layers", "num_heads", "seq_length")),
                                                      ("train", train, ("train_tokens", "per_gpu_batch_size")))
@@ -205,7 +248,4 @@ def from_seed000(data: dict[str, Any], source: str, notes: list[str]) -> dict[st
     vocab = model.get("vocab_size") or _shard_vocab(train_dir)
     if vocab:
         cfg["model"]["vocab_size"] = vocab
-    if src:
-        notes.append(f"{source}: data.* describes the corpus; the trainer reads its token shards from {train_dir} "
-                     f"(make them with `orchestrate --experiment {name} --input ... --stop-after tokenizer`)")
     return cfg

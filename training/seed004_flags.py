@@ -59,11 +59,13 @@ def _split(args: list[str]) -> tuple[list[str], dict[str, str | bool]]:
 
 
 def _has_config(rest: list[str]) -> bool:
-    """Whether a positional config file is among ``rest`` (the first item neither a flag, its value, nor key=value)."""
+    """Whether ``rest`` names a config: ``--config FILE``, or a positional (neither a flag, its value, nor key=value)."""
     skip = False
     for arg in rest:
         if skip:
             skip = False
+        elif arg == "--config" or arg.startswith("--config="):
+            return True
         elif arg in OWN_VALUE_FLAGS:
             skip = True
         elif not arg.startswith("-") and "=" not in arg:

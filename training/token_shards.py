@@ -8,10 +8,16 @@ is below 65536, since a narrowing cast silently corrupts ids.
 
 Readers memory-map the token array and validate the header so that a truncated, foreign or
 mismatched file fails with one line naming the file instead of training on garbage.
+
+nanoGPT's ``data/<name>/train.bin`` and ``val.bin`` (raw uint16, no header) are read the same way:
+their header is synthesized from the file size and ``meta.pkl`` beside them (its ``vocab_size``;
+without one, GPT-2's 50257 ids with end-of-text 50256, as nanoGPT assumes). ``meta.pkl`` is read with
+an unpickler that builds plain containers only, so a file that would construct objects is refused.
 """
 
 from __future__ import annotations
 
+import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +29,9 @@ from training.atomic import atomic_open
 MAGIC = b"PODTOKEN"
 TOKEN_SUFFIX = ".tok"
 TOKEN_SUFFIXES = (TOKEN_SUFFIX,)
+NANOGPT_SUFFIX = ".bin"
+NANOGPT_META = "meta.pkl"
+GPT2_VOCAB, GPT2_EOT = 50257, 50256
 VERSION = 1
 HEADER_SIZE = 64
 _HEADER = struct.Struct("<8sIIQQQ")
@@ -56,9 +65,40 @@ class TokenShardHeader:
         return raw.ljust(HEADER_SIZE, b"\0")
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    """Dicts, lists, strings and numbers only: nanoGPT's meta.pkl needs nothing else."""
+
+    def find_class(self, module: str, name: str) -> None:
+        raise pickle.UnpicklingError(f"refusing to construct {module}.{name}")
+
+
+def nanogpt_vocab(directory: str | Path) -> int | None:
+    """``vocab_size`` from nanoGPT's ``meta.pkl`` in ``directory``; None without the file."""
+    path = Path(directory) / NANOGPT_META
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as fh:
+            meta = _PlainUnpickler(fh).load()
+        return int(meta["vocab_size"])
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
+        raise TokenShardError(f"{path}: not a nanoGPT meta.pkl with a vocab_size ({exc})") from None
+
+
+def _nanogpt_header(path: Path) -> TokenShardHeader:
+    size = path.stat().st_size
+    if size % 2:
+        raise TokenShardError(f"{path}: {size} bytes is not a whole number of uint16 tokens (nanoGPT .bin)")
+    vocab = nanogpt_vocab(path.parent)
+    return TokenShardHeader(num_tokens=size // 2, vocab_size=vocab or GPT2_VOCAB, eot_id=GPT2_EOT if vocab is None else 0,
+                            itemsize=2, version=0)
+
+
 def read_header(path: str | Path) -> TokenShardHeader:
-    """Read and validate the header of ``path`` against the file's actual size."""
+    """Read and validate the header of ``path`` against the file's actual size (nanoGPT ``.bin``: synthesize it)."""
     path = Path(path)
+    if path.suffix == NANOGPT_SUFFIX:
+        return _nanogpt_header(path)
     try:
         with open(path, "rb") as fh:
             raw = fh.read(HEADER_SIZE)
@@ -95,7 +135,8 @@ def open_tokens(path: str | Path, vocab_size: int | None = None) -> np.memmap:
         )
     if header.num_tokens == 0:
         return np.zeros(0, dtype=header.dtype)  # type: ignore[return-value]
-    return np.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_SIZE, shape=(header.num_tokens,))
+    offset = 0 if Path(path).suffix == NANOGPT_SUFFIX else HEADER_SIZE
+    return np.memmap(path, dtype=header.dtype, mode="r", offset=offset, shape=(header.num_tokens,))
 
 
 def check_token_ids(path: str | Path, vocab_size: int, chunk: int = 1 << 24, label: str = "vocab_size") -> None:

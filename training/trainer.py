@@ -31,9 +31,10 @@ from training import checkpoint as ckpt
 from training import init
 from training.checkpointer import Checkpointer
 from training.config import TrainConfig
-from training.data import BatchLoader, Prefetcher, TokenStream, iter_eval_batches, resolve_shards
+from training.data import Prefetcher
 from training.distributed import Dist, setup
 from training.evaluate import mean_loss, perplexity
+from training.inputs import pretrain_loaders
 from training.metrics import RunLog, compile_report, device_peak_flops, mfu, system_telemetry, trim_metrics
 from training.model import build_meta_model, count_parameters, flops_per_token
 from training import moe
@@ -101,18 +102,14 @@ def evaluate(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch
 
 
 def _data(cfg: TrainConfig, dist: Dist, warn) -> tuple[Any, Callable[[], Iterator[tuple]] | None]:
-    """The training loader and the validation batches of ``cfg.stage``: token-shard windows for
-    pretraining, chat-template examples for a fine-tuning stage (training/sft/loader.py)."""
+    """The training loader and the validation batches of ``cfg.stage``: windows of token shards or of
+    text tokenized on the fly for pretraining (training/inputs.py), chat-template examples for a
+    fine-tuning stage (training/sft/loader.py)."""
     if cfg.stage != "pretrain":
         from training.sft.loader import build_sft_loaders
 
         return build_sft_loaders(cfg, dist.rank, dist.world_size, warn if dist.is_main else None)
-    loader = BatchLoader(TokenStream(resolve_shards(cfg.train_data), cfg.seed, cfg.model.vocab_size),
-                         cfg.batch_size, cfg.seq_len, dist.rank, dist.world_size)
-    if not cfg.val_data:
-        return loader, None
-    val_stream = TokenStream(resolve_shards(cfg.val_data, "val_data"), cfg.seed, cfg.model.vocab_size, key="val_data")
-    return loader, lambda: iter_eval_batches(val_stream, cfg.batch_size, cfg.seq_len, cfg.eval_steps, dist.rank, dist.world_size)
+    return pretrain_loaders(cfg, dist.rank, dist.world_size)
 
 
 def _seed_everything(seed: int) -> None:

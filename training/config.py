@@ -364,16 +364,14 @@ def format_validation_error(exc: ValidationError, source: str, overrides: list[s
 
 def canonical_paths(override: str) -> tuple[str, ...]:
     """The dotted paths a ``key=value`` override sets (an alias's targets)."""
-    return tuple(_parse_override(override)[0])
+    return tuple(_parse_override(override))
 
 
 def _stage_override(overrides: list[str]) -> Any:
     """The value of a ``stage=...`` override (the last one), or None."""
     found = None
     for item in overrides:
-        paths, value = _parse_override(item)
-        if "stage" in paths:
-            found = value
+        found = _parse_override(item).get("stage", found)
     return found
 
 

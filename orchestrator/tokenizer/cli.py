@@ -91,7 +91,7 @@ def train(
     with _user_errors(console):
         if not text_dir and not files and tokenizer_json is None and Path(RAW_DIR).is_dir():
             console.print(f"tokenizer: no --text-dir or --files: training on the files under {RAW_DIR}/ (seed 004's default)")
-            files = [RAW_DIR]
+            files = [f"{RAW_DIR}/**/*.txt"]
         if bool(text_dir) == bool(files) and tokenizer_json is None:
             raise TokenizerError("give the text to train on: --text-dir SHARDS (from the sharder) or --files GLOB (raw files), not both")
         dirs = list(text_dir or [])

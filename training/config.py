@@ -131,6 +131,14 @@ class OptimizerConfig(_Strict):
     beta2: float = Field(0.95, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    cpu_offload: bool = Field(False, description="AdamW state in host memory: FSDP2's CPUOffloadPolicy under FSDP, "
+                              "else training/host_optimizer.py (adamw only)")
+
+    @model_validator(mode="after")
+    def _offload(self) -> "OptimizerConfig":
+        if self.cpu_offload and self.type != "adamw":
+            raise ValueError(f"cpu_offload: implemented for type adamw, not {self.type}")
+        return self
 
 
 class SchedulerConfig(_Strict):

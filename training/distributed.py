@@ -96,14 +96,16 @@ class Dist:
         sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters else {"broadcast_buffers": False}
         return DDP(model, device_ids=ids, gradient_as_bucket_view=True, **sync)
 
-    def shard(self, model: nn.Module, param_dtype: torch.dtype | None) -> None:
-        """FSDP2: each block, then the root (embeddings, final norm, head), in place."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    def shard(self, model: nn.Module, param_dtype: torch.dtype | None, cpu_offload: bool = False) -> None:
+        """FSDP2: each block, then the root (embeddings, final norm, head), in place; ``cpu_offload``
+        keeps the sharded parameters, gradients and optimizer state on the host (CPUOffloadPolicy)."""
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
         for block in model.layers:  # type: ignore[attr-defined]
-            fully_shard(block, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
-        fully_shard(model, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+            fully_shard(block, mp_policy=policy, reshard_after_forward=self.reshard_after_forward, offload_policy=offload)
+        fully_shard(model, mp_policy=policy, reshard_after_forward=self.reshard_after_forward, offload_policy=offload)
 
     @contextlib.contextmanager
     def grad_sync(self, model: nn.Module, enabled: bool) -> Iterator[None]:

@@ -146,7 +146,9 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
     _seed_everything(cfg.seed)
     model, net = build_model(cfg, dist, precision.fsdp_param_dtype)
     num_params = count_parameters(build_meta_model(cfg.model))
-    optimizer = build_optimizer(net, cfg.optimizer, dist.device.type)
+    offload = cfg.optimizer.cpu_offload
+    fsdp_offload = offload and dist.strategy == "fsdp"  # FSDP2's CPUOffloadPolicy: parameters and state on the host
+    optimizer = build_optimizer(net, cfg.optimizer, "cpu" if fsdp_offload else dist.device.type, host_state=offload and not fsdp_offload)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.schedule_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision.use_scaler)
     loader, val_batches = _data(cfg, dist, log.warn)

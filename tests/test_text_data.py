@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +150,7 @@ def test_each_epoch_permutes_the_files_and_reads_rows_linearly(gpt2_folder, tmp_
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl.gz", "txt"])
 def test_resume_from_any_window_continues_the_same_tokens(gpt2_folder, tmp_path, docs, fmt) -> None:
     tok = load_text_tokenizer(str(gpt2_folder))
-    texts = [d[:3000].replace("\n", " ") for d in docs[:30]]
+    texts = [d[:400].replace("\n", " ") for d in docs[:30]]
     if fmt == "parquet":
         paths = write_parquet(tmp_path, texts, 3, row_group=4)
     else:
@@ -161,9 +162,10 @@ def test_resume_from_any_window_continues_the_same_tokens(gpt2_folder, tmp_path,
             path.write_bytes(gzip.compress(data) if fmt.endswith(".gz") else data)
             paths.append(path)
     straight = _stream(paths, tok)
-    reference = straight.read_rows(120, 50)  # past the end of the first epoch
+    reference = straight.read_rows(120, 50)
+    assert straight.state_dict()["epoch"] >= 1  # the cut points below straddle an epoch boundary
     straight.close()
-    for cut in (1, 7, 33, 61, 99):
+    for cut in (1, 7, 33, 61, 85, 99):
         first = _stream(paths, tok)
         first.read_rows(cut, 50)
         state = first.state_dict()
@@ -235,3 +237,60 @@ def test_train_cli_with_seed003_keys(gpt2_folder, parquet_corpus, tmp_path) -> N
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (tmp_path / "ckpt" / "final.safetensors").is_file()
+
+
+def test_a_list_pools_folders_and_globs_and_kinds_do_not_mix(parquet_corpus, tmp_path) -> None:
+    kind, paths = resolve_inputs([str(parquet_corpus["val"]), str(parquet_corpus["train"] / "shard_0000[12].parquet")])
+    assert kind == "text" and [p.name for p in paths] == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet"]
+    assert paths[0].parent.name == "val"
+    (tmp_path / "a.tok").write_bytes(b"")
+    with pytest.raises(DataError, match="train_data: mixes token shards and text files"):
+        resolve_inputs([str(tmp_path / "a.tok"), str(parquet_corpus["val"])])
+    (tmp_path / "notes.md").write_text("x")
+    with pytest.raises(DataError, match="notes.md is neither token shards .* nor text"):
+        resolve_inputs(str(tmp_path / "notes.md"))
+
+
+@pytest.mark.slow
+def test_two_ranks_on_text_match_one_process(gpt2_folder, parquet_corpus, tmp_path) -> None:
+    """torchrun (gloo, DDP): each rank keeps its rows of the global block, so the losses are one process's."""
+    from test_distributed import assert_close, launch, losses, write_config
+
+    text = dict(tokenizer_path=str(gpt2_folder), model__vocab_size=VOCAB)
+    launch(write_config(parquet_corpus, tmp_path / "one", "none", **text), "none")
+    launch(write_config(parquet_corpus, tmp_path / "two", "ddp", **text), "ddp", timeout=300)
+    assert_close(losses(tmp_path / "one"), losses(tmp_path / "two"), range(1, 7))
+
+
+@pytest.mark.slow
+def test_sigterm_on_text_then_resume_reads_the_same_tokens(gpt2_folder, parquet_corpus, tmp_path) -> None:
+    """Stopped by SIGTERM mid-run (the prefetcher and the tokenizing thread busy), resumed: the per-step
+    losses are those of a run never stopped, so no window was read twice or skipped."""
+    def config(out: Path, steps: int) -> Path:
+        cfg = _text_config(parquet_corpus, gpt2_folder, out, num_steps=steps, save_every=100000, eval_every=100000,
+                           num_workers=2, batch_size=4, seq_len=32, scheduler__total_steps=1000)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "c.yaml").write_text(yaml.safe_dump(cfg))
+        return out / "c.yaml"
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    stopped = config(tmp_path / "stopped", 100000)
+    proc = subprocess.Popen([sys.executable, "-m", "training", str(stopped)], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = tmp_path / "stopped" / "ckpt" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 5):
+        time.sleep(0.2)
+    proc.terminate()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    step = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
+    for path, steps, extra in ((stopped, step + 3, ["--resume", "auto"]), (config(tmp_path / "straight", step + 3), step + 3, [])):
+        done = subprocess.run([sys.executable, "-m", "training", str(path), f"num_steps={steps}", *extra], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    def losses(out: Path) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in map(json.loads, (out / "ckpt" / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")

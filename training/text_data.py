@@ -194,7 +194,6 @@ class TextStream:
                             f"(set model.vocab_size to at least {tokenizer.vocab_size})")
         self.files, self.tokenizer, self.seed, self.vocab_size = files, tokenizer, seed, vocab_size
         self.shuffle, self.key = shuffle, key
-        self.tokens_read = 0  # tokens tokenized by the worker (benchmarks)
         self._chunks: deque[_Chunk] = deque()
         self._offset = 0  # into the front chunk
         self._after = TextPosition()  # the position when no chunk is held
@@ -258,7 +257,6 @@ class TextStream:
     def _run(self, start: TextPosition) -> None:
         try:
             for chunk in self._produce(start):
-                self.tokens_read += len(chunk.tokens)
                 if not self._put(chunk):
                     return
         except BaseException as exc:  # surfaced in the reading thread

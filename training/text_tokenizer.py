@@ -44,8 +44,9 @@ class TextTokenizer:
     source: str  # what tokenizer_path said
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Ids of each text, no special tokens added (the Rust batch encoder, GIL released)."""
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        """Ids of each text, no special tokens added (the Rust batch encoder, GIL released; without
+        offsets, which packing does not need and which cost about half the time on one core)."""
+        return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
 
 
 def load_text_tokenizer(spec: str, key: str = "tokenizer_path") -> TextTokenizer:

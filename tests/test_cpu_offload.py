@@ -95,3 +95,24 @@ def test_offload_frees_the_adamw_state_from_gpu_memory() -> None:
     print(f"cpu_offload: {n:,} parameters; GPU memory after step 1: {allocated[False] / 1e9:.3f} GB -> "
           f"{allocated[True] / 1e9:.3f} GB ({freed / 1e9:.3f} GB freed; AdamW moments are {8 * n / 1e9:.3f} GB)")
     assert freed >= 0.95 * 8 * n
+
+
+@pytest.mark.gpu
+def test_fsdp_with_cpu_offload_trains_and_resumes(byte_corpus, tmp_path) -> None:
+    """FSDP2's CPUOffloadPolicy through the real launcher (one GPU is enough for FSDP's code path)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = tiny_config(byte_corpus, tmp_path, num_steps=6, save_every=3, eval_every=100)
+    cfg.update(device="auto", distributed={"strategy": "fsdp"})
+    cfg["optimizer"]["cpu_offload"] = True
+    path = tmp_path / "fsdp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "training", str(path)]
+    first = subprocess.run([*launch, "num_steps=3"], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run([*launch, "--resume", "auto"], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "step 6/6" in second.stdout

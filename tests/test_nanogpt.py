@@ -21,6 +21,7 @@ from training.config import ConfigError, load_config
 from training.model import build_meta_model, count_parameters
 from training.presets import NANOGPT_DEFAULTS, list_presets
 from training.token_shards import TokenShardError, read_header
+from training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # seed 001's line, tiny and on a CPU: nanoGPT's own names, nothing else
@@ -108,25 +109,22 @@ def test_meta_pkl_that_builds_objects_is_refused(nanogpt_dir, monkeypatch) -> No
         read_header("data/chars/train.bin")
 
 
-def _train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "training", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-
 def _losses(out: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_nanogpt_line_trains_from_bins_and_resumes_exactly(nanogpt_dir, tmp_path) -> None:
-    straight = _train(nanogpt_dir, *TINY, "max_iters=6")
+def test_nanogpt_line_trains_from_bins_and_resumes_exactly(nanogpt_dir, monkeypatch) -> None:
+    """The line as typed (a subprocess), then the same config stopped at step 3 and resumed (in process)."""
+    straight = subprocess.run([sys.executable, "-m", "training", *TINY, "max_iters=6"], cwd=nanogpt_dir, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert straight.returncode == 0, straight.stdout[-2000:] + straight.stderr[-2000:]
+    assert "no config given: nanoGPT's train.py defaults" in straight.stdout
     (nanogpt_dir / "out").rename(nanogpt_dir / "straight")
-    first = _train(nanogpt_dir, *TINY, "max_iters=3")
-    assert first.returncode == 0, first.stderr[-2000:]
-    second = _train(nanogpt_dir, *TINY, "max_iters=6", "--resume", "auto")
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert "resumed from" in second.stdout
+    monkeypatch.chdir(nanogpt_dir)
+    first = train(load_config(NANOGPT_DEFAULTS, [*TINY, "max_iters=3"]))
+    second = train(load_config(NANOGPT_DEFAULTS, [*TINY, "max_iters=6"]), resume="auto")
+    assert (first.step, second.step) == (3, 6)
     expected = _losses(nanogpt_dir / "straight")
     assert sorted(expected) == [1, 2, 3, 4, 5, 6]
-    assert _losses(nanogpt_dir / "out") == expected  # the same windows, bit for bit
+    assert {**first.losses, **second.losses} == expected  # the same windows, bit for bit

@@ -85,6 +85,18 @@ def test_transformers_gpt2_folder_loads_with_its_eos(gpt2_folder) -> None:
     assert tok.eot_id not in tok.encode_batch(["a <|endoftext|> b"])[0]
 
 
+def test_ranks_of_one_node_share_its_cores(monkeypatch) -> None:
+    from training.text_tokenizer import share_cores
+
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    share_cores()
+    assert os.environ["RAYON_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    monkeypatch.setenv("RAYON_NUM_THREADS", "3")
+    share_cores()
+    assert os.environ["RAYON_NUM_THREADS"] == "3"  # the user's value stays
+
+
 def test_vocab_and_merges_folder_loads_through_transformers(gpt2_folder, tmp_path) -> None:
     from tokenizers import Tokenizer
 
@@ -222,6 +234,8 @@ def test_train_from_parquet_resumes_exactly(gpt2_folder, parquet_corpus, tmp_pat
     assert {**first.losses, **second.losses} == straight.losses  # the same tokens, bit for bit in float32
     assert second.val_losses[6] == straight.val_losses[6]
     assert straight.val_losses[6] < straight.val_losses[0]
+    rows = [json.loads(line) for line in (tmp_path / "a" / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["data_wait"] <= 1.0 for r in rows if "loss" in r)  # share of each log window spent waiting for batches
 
 
 def test_train_cli_with_seed003_keys(gpt2_folder, parquet_corpus, tmp_path) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import glob
 import queue
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -242,6 +243,7 @@ class Prefetcher:
         self.depth = depth
         self.pin = pin  # page-locked batches: the host-to-GPU copy runs asynchronously (non_blocking)
         self._state = loader.state_dict()
+        self._waited = 0.0
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
         if depth > 0:
@@ -270,15 +272,24 @@ class Prefetcher:
         return tuple(t.pin_memory() if self.pin and t is not None else t for t in batch)
 
     def next_batch(self) -> tuple:
-        if self._queue is None:
-            batch = self._read()
-            self._state = self.loader.state_dict()
+        start = time.perf_counter()
+        try:
+            if self._queue is None:
+                batch = self._read()
+                self._state = self.loader.state_dict()
+                return batch
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            batch, self._state = item
             return batch
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        batch, self._state = item
-        return batch
+        finally:
+            self._waited += time.perf_counter() - start
+
+    def take_waited(self) -> float:
+        """Seconds the training step spent waiting for batches since the last call (the step starved of data)."""
+        waited, self._waited = self._waited, 0.0
+        return waited
 
     def state_dict(self) -> dict[str, int]:
         return dict(self._state)

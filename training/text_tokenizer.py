@@ -22,6 +22,7 @@ always marks a real boundary, as in the encode stage's token shards.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,23 @@ class TextTokenizer:
         return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
 
 
+def share_cores() -> None:
+    """Under torchrun, give each rank's Rust thread pool its share of the node's cores.
+
+    Every rank tokenizes the whole stream (training/text_data.py); with one pool of every core per
+    rank, 8 ranks would run 8x as many threads as cores. ``RAYON_NUM_THREADS`` (what the Python
+    binding honours, tokenizers#1149) is read when the pool starts, so this runs before the first
+    encode; a value the user set is kept.
+    """
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if local > 1:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local)))
+
+
 def load_text_tokenizer(spec: str, key: str = "tokenizer_path") -> TextTokenizer:
     """Resolve ``spec`` (file, folder or hub id) to a :class:`TextTokenizer`; errors are one line naming ``key``."""
     configure_parallelism()
+    share_cores()
     path = Path(spec).expanduser()
     if path.is_file():
         tok, config = _from_file(path, spec, key), {}

@@ -47,6 +47,7 @@ EXIT_OK = 0
 EXIT_NONFINITE = 3
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+DATA_WAIT_SHOWN = 0.05  # the log line names the share of time spent waiting for batches from here on (metrics.jsonl always has it)
 
 
 @dataclass
@@ -265,6 +266,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                     record({"compile": report})
                 if step % cfg.log_every:
                     window_start, window_tokens, window_excluded = time.perf_counter(), 0, 0.0
+                    batches.take_waited()
             if bad_steps >= cfg.max_bad_steps:
                 save([ckpt.step_tag(step)], block=True)
                 log.info(f"stopping: {bad_steps} non-finite losses in a row; last good weights saved as {ckpt.step_tag(step)} "
@@ -277,10 +279,12 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                 util = mfu(tps, fpt, peak, dist.world_size)
                 loss_v, lr = float(loss), scheduler.get_last_lr()[0]
                 eta = (cfg.num_steps - step) * tokens_per_step / tps if tps else 0.0
+                data_wait = min(1.0, batches.take_waited() / elapsed) if elapsed > 0 else 0.0  # share of the window starved of data
                 log.info(f"step {step}/{cfg.num_steps} | loss {loss_v:.4f} | lr {lr:.2e} | gnorm {float(norm):.3f} | "
                          f"{tps:,.0f} tok/s" + (f" | mfu {util:.1%}" if util is not None else "") +
-                         f" | mem {_peak_memory_gb(dist.device):.2f}GB | {1000 * elapsed / max(1, window_tokens // tokens_per_step):.0f}ms/step | eta {_fmt_duration(eta)}")
-                record({"loss": loss_v, "lr": lr, "grad_norm": float(norm), "tokens_per_s": tps, "mfu": util,
+                         f" | mem {_peak_memory_gb(dist.device):.2f}GB | {1000 * elapsed / max(1, window_tokens // tokens_per_step):.0f}ms/step"
+                         + (f" | data wait {data_wait:.0%}" if data_wait >= DATA_WAIT_SHOWN else "") + f" | eta {_fmt_duration(eta)}")
+                record({"loss": loss_v, "lr": lr, "grad_norm": float(norm), "tokens_per_s": tps, "mfu": util, "data_wait": data_wait,
                         "peak_mem_gb": _peak_memory_gb(dist.device), "tokens_seen": tokens_seen, **system_telemetry(dist.device),
                         **moe.collect_stats(model)})
                 result.losses[step] = loss_v

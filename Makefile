@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sample.py
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/sft.py
+	$(BIN)/python bench/id_scan.py
 
 # On a CUDA machine: tests/gpu, runpod_1b and runpod_2b for 30 steps, one save and resume (< 8 min on
 # one H100/H200). It needs a CUDA build of torch, which .venv (CPU torch) does not have: run it with

@@ -8,9 +8,13 @@ a few long, as in ultrachat/alpaca mixes), their ids random and half of their to
 Both layouts run the trainer's own step (training/trainer.py ``train_step``: forward, backward,
 clip, AdamW) through the SFT loader of training/sft/loader.py, with the same batch size and
 ``seq_len``: ``packed`` fills every row with several examples and a block-diagonal mask,
-``padded`` takes one example per row padded to the longest of the micro-batch. Reported per layout:
-examples and real (non-padding) tokens per second, the share of positions that are real tokens,
-and the speed-up of ``packed`` over ``padded``. Prints a table and writes the JSON.
+``padded`` takes one example per row padded to the longest of the micro-batch. Packed rows run twice:
+``packed/sdpa`` with the dense (B,1,T,T) mask (the reference) and ``packed/flex`` with FlexAttention's
+document-causal BlockMask (``model.attention.impl``). Flex trains only on CUDA (torch has no CPU
+FlexAttention backward), so on CPU its row is listed as skipped. Reported per row: examples and real
+(non-padding) tokens per second, the share of positions that are real tokens, and the speed-up over
+``padded``; on CUDA also the attention kernels one step launched (from the profiler). Prints a table
+and writes the JSON.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from rich.table import Table  # noqa: E402
 
 from training.config import ModelConfig  # noqa: E402
 from training.distributed import setup  # noqa: E402
-from training.model import Transformer  # noqa: E402
+from training.model import Transformer, attention_impl  # noqa: E402
 from training.precision import resolve_precision  # noqa: E402
 from training.preemption import MicroStepAgreement, StopFlag  # noqa: E402
 from training.sft.loader import Examples, SFTLoader  # noqa: E402
@@ -76,10 +80,25 @@ class Counting:
         return x, y, doc
 
 
-def run(layout: str, args, examples: Examples, dist, precision) -> dict:
+ATTENTION_KERNEL_WORDS = ("attention", "attn", "fmha", "flash", "flex", "triton_tem", "softmax", "sdpa")
+
+
+def attention_kernels(step, device: torch.device) -> list[str]:
+    """Names of the CUDA kernels one ``step`` launches that do attention (empty off CUDA)."""
+    if device.type != "cuda":
+        return []
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sorted({e.key for e in prof.key_averages() if any(w in e.key.lower() for w in ATTENTION_KERNEL_WORDS)})
+
+
+def run(layout: str, impl: str, args, examples: Examples, dist, precision) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, num_layers=args.layers, max_seq_len=args.seq_len,
-                      attention={"n_heads": max(1, args.d_model // 64)})
+                      attention={"n_heads": max(1, args.d_model // 64), "impl": impl})
     model = Transformer(cfg).to(dist.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=False)
@@ -91,8 +110,9 @@ def run(layout: str, args, examples: Examples, dist, precision) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):  # warm-up (allocator, kernels)
+    for _ in range(2):  # warm-up (allocator, kernels, flex's compile)
         step()
+    kernels = attention_kernels(step, dist.device)
     batches.real = batches.positions = batches.examples = 0
     if dist.device.type == "cuda":
         torch.cuda.synchronize()
@@ -102,7 +122,8 @@ def run(layout: str, args, examples: Examples, dist, precision) -> dict:
     if dist.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    return {"layout": layout, "steps": args.steps, "seconds": seconds, "examples_per_s": batches.examples / seconds,
+    name = layout if layout == BASELINE else f"{layout}/{impl}"
+    return {"layout": name, "attention": impl, "attention_kernels": kernels, "steps": args.steps, "seconds": seconds, "examples_per_s": batches.examples / seconds,
             "real_tokens_per_s": batches.real / seconds, "real_share": batches.real / max(1, batches.positions),
             "ms_per_step": 1000 * seconds / args.steps}
 
@@ -125,7 +146,14 @@ def main() -> None:
     dist = setup(DistributedConfig(strategy="none"), args.device)
     precision = resolve_precision(args.dtype, True, dist.device, fsdp=False)
     examples = make_examples(args.examples, args.seq_len, args.vocab)
-    rows = [run(layout, args, examples, dist, precision) for layout in (BASELINE, "packed")]
+    rows = [run(BASELINE, "sdpa", args, examples, dist, precision), run("packed", "sdpa", args, examples, dist, precision)]
+    probe = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, num_layers=1, max_seq_len=args.seq_len,
+                        attention={"n_heads": max(1, args.d_model // 64)})
+    skipped = {}
+    if attention_impl(probe, dist.device, training=True) == "flex":
+        rows.append(run("packed", "flex", args, examples, dist, precision))
+    else:
+        skipped["packed/flex"] = f"FlexAttention has no backward on {dist.device.type} in torch {torch.__version__}"
     base = rows[0]
     for r in rows:
         r["speedup_vs_padded"] = r["real_tokens_per_s"] / base["real_tokens_per_s"]
@@ -137,9 +165,14 @@ def main() -> None:
         table.add_row(r["layout"], f"{r['examples_per_s']:,.0f}", f"{r['real_tokens_per_s']:,.0f}", f"{r['real_share']:.0%}",
                       f"{r['ms_per_step']:.1f}", f"{r['speedup_vs_padded']:.2f}x")
     Console().print(table)
+    for name, why in skipped.items():
+        print(f"{name}: skipped ({why})")
+    for r in rows:
+        if r["attention_kernels"]:
+            print(f"{r['layout']} attention kernels: {', '.join(r['attention_kernels'])}")
     device_name = torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else platform.processor() or platform.machine()
     result = {"device": device_name, "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items() if k != "out"},
-              "baseline": BASELINE, "rows": rows}
+              "baseline": BASELINE, "rows": rows, "skipped": skipped}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

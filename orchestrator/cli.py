@@ -6,7 +6,8 @@
                 [key=value ...] [instruct.key=value ...]
 
 Environment knobs (the pod's): RUN_EXPERIMENT (--experiment), RUN_CONFIG (--config), RUN_SHARD
-(1: shard the inputs, 0: reuse existing shards), SHARD_LINES (--train-shard-lines), RUN_STAGES (--stages).
+(auto, the default: shard the inputs when given, else reuse the experiment's shards; 1: shard the
+inputs; 0: reuse existing shards), SHARD_LINES (--train-shard-lines), RUN_STAGES (--stages).
 """
 
 from __future__ import annotations
@@ -78,13 +79,12 @@ def _orchestrate() -> None:
     """The group itself does nothing: every command is a sub-command (``pipeline`` by default)."""
 
 def _run_shard_env() -> bool | None:
-    value = os.environ.get("RUN_SHARD")
-    if value is None or value == "":
-        return None
-    if value not in ("0", "1"):
-        print(f"orchestrate: error: RUN_SHARD={value!r}: expected 0 or 1", file=sys.stderr)
+    """RUN_SHARD: True (1), False (0), or None (auto, also when unset or empty)."""
+    value = os.environ.get("RUN_SHARD") or "auto"
+    if value not in ("auto", "0", "1"):
+        print(f"orchestrate: error: RUN_SHARD={value!r}: expected auto, 0 or 1", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE)
-    return value == "1"
+    return None if value == "auto" else value == "1"
 
 
 @app.command(PIPELINE)
@@ -116,7 +116,8 @@ def pipeline(
     """The whole pipeline: layout -> shard -> tokenizer -> emit -> train, each stage skipped when done.
 
     RUN_SHARD=0 reuses the shards already in the workspace (as --reuse-shards), RUN_SHARD=1 shards
-    --input. Also: `orchestrate pod|volume --help` (RunPod), `orchestrate tokenizer --help`,
+    --input, RUN_SHARD=auto (the default) shards --input when given, else reuses the shards there.
+    Also: `orchestrate pod|volume --help` (RunPod), `orchestrate tokenizer --help`,
     `orchestrate evaluate|sample|export --help` (docs/evaluate.md), `orchestrate sft --help` (docs/finetune.md).
     """
     if mode not in ("cloud", "local"):
@@ -128,7 +129,7 @@ def pipeline(
     except ValueError as exc:
         print(f"orchestrate: error: {exc}", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE)
-    shard = not reuse_shards and shard_env is not False  # without --input, Pipeline names the flag
+    shard = False if reuse_shards else shard_env  # None: auto, decided by Pipeline from the workspace
     console = Console(highlight=False, soft_wrap=True)
     opts = PipelineOptions(mode=mode, inputs=list(inputs or []), validation=list(validation or []), experiment=experiment,
                            train_shard_lines=train_shard_lines, shard=shard, tokenizer_json=tokenizer_json, config=config,

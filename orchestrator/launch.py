@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def launch_training(config: Path, nproc: int | None, console: Console) -> int:
 
         nproc = torch.cuda.device_count()
     cmd = training_command(config, nproc)
-    console.print(f"[stage] train: {' '.join(cmd)}", markup=False)
+    console.print(f"[stage] train: {shlex.join(cmd)}", markup=False)  # quoted: pasted into a shell, it runs as is
     piped = nproc > 1
     env = dict(os.environ)
     if piped:  # torchrun would set 1 (with a banner); the cores shared out is what CPU ranks can use

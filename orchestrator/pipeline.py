@@ -12,7 +12,7 @@ import glob
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,11 @@ from rich.console import Console
 from orchestrator.tokenizer.encode import EncodeError, encode_shards
 from orchestrator.launch import PipelineError, TrainingExit, launch_training, training_summary
 from orchestrator.lock import ExperimentLock, LockHeld
-from orchestrator.sft.stages import StageContext, finished, run_sft_stage, sft_stage_inputs, split_overrides, stage_dir
+from orchestrator.sft.stages import (
+    StageContext, check_sft_inputs, finished, run_sft_stage, sft_stage_inputs, split_overrides, stage_dir,
+)
 from orchestrator.stages import STAGE_NAMES, Stage, StageRecord, run_stages
-from orchestrator.tokenizer.bpe import prepare_tokenizer
+from orchestrator.tokenizer.bpe import check_tokenizer_choice, prepare_tokenizer
 from orchestrator.workspace import HF_CACHE_VARIABLES, Layout, LayoutError
 from sharder.errors import ShardError, ShardInterrupted
 from sharder.manifest import ManifestError, load_manifest
@@ -45,7 +47,9 @@ class PipelineOptions:
     validation: list[str] = field(default_factory=list)
     experiment: str | None = None
     train_shard_lines: int = 250_000
-    shard: bool = True  # False: reuse the shard folders as they are (--reuse-shards, RUN_SHARD=0)
+    # False: reuse the shard folders as they are (--reuse-shards, RUN_SHARD=0); None (RUN_SHARD=auto):
+    # shard when there are inputs (or a recipe), else reuse the experiment's shards when it has some
+    shard: bool | None = True
     tokenizer_json: str | None = None
     config: str | None = None
     workspace: Path | None = None
@@ -220,6 +224,8 @@ class Pipeline:
         except ConfigError as exc:
             raise PipelineError(str(exc)) from None
         self.recipe = _load_recipe(opts)
+        if opts.shard is None:  # auto: a copy, so the caller's options keep saying auto
+            self.opts = opts = replace(opts, shard=bool(opts.inputs or opts.data) or not _has_shards(self.layout.train_text))
         self.pretrain = "pretrain" in opts.stages
         if self.pretrain and opts.shard and not opts.inputs and self.recipe is None:
             raise PipelineError("--input: required to shard (or pass --reuse-shards / RUN_SHARD=0 to use existing shards)")
@@ -227,6 +233,32 @@ class Pipeline:
         if self.recipe is not None:
             self.input_ids = [{"recipe": self.recipe.fingerprint()}]
         self.validation_ids = _input_identity(opts.validation, "--validation") if opts.shard else []
+        self._check_before_any_work()
+
+    def _check_before_any_work(self) -> None:
+        """What later stages would refuse, checked now (docs/data.md: "checked before any work"): the
+        recipe's local sources and curate settings, the tokenizer choice against model.vocab_size,
+        and the SFT stages' prepared files and vocabulary overrides."""
+        o = self.opts
+        if self.recipe is not None and self.pretrain:
+            from sharder.curate.run import check_curate
+            from sharder.mix import check_local_sources
+
+            try:
+                if o.shard:
+                    check_local_sources(self.recipe)
+                if self.recipe.curate is not None and self.recipe.curate.active:
+                    check_curate(self.recipe.curate)
+            except ShardError as exc:
+                message = str(exc)
+                raise PipelineError(message if message.startswith("--data") else f"--data {self.recipe.path}: {message}") from None
+        if self.pretrain and STAGE_NAMES.index(o.stop_after) >= STAGE_NAMES.index("tokenizer"):
+            try:
+                tokenizer_json = self.tokenizer_json()
+                check_tokenizer_choice(Path(tokenizer_json) if tokenizer_json else None, self.base_config.model.vocab_size)
+            except TokenizerError as exc:
+                raise PipelineError(f"{exc} (model.vocab_size of {self.config_path})") from None
+        check_sft_inputs(self.layout, o.stages, o.overrides)
 
     # -- stages -------------------------------------------------------------------------------
     def stages(self) -> list[Stage]:
@@ -316,12 +348,18 @@ class Pipeline:
             run_curate(L.val_text, val, self.recipe.curate, self.console)
         return {"result": f"{summary['input']:,} -> {summary['output']:,} train documents", "throughput": summary["throughput"]}
 
+    def tokenizer_json(self) -> str | None:
+        """The tokenizer.json to import: --tokenizer-json, or one placed by hand in the bundle folder (seed layout)."""
+        L = self.layout
+        if self.opts.tokenizer_json is None and (L.tokenizer / TOKENIZER_FILE).exists() and not (L.tokenizer / META_FILE).exists():
+            return str(L.tokenizer / TOKENIZER_FILE)
+        return self.opts.tokenizer_json
+
     def tokenizer_stage(self, changed: bool) -> dict[str, Any]:
         L, o = self.layout, self.opts
         train_text, val_text = self.text_dirs()
-        tokenizer_json = o.tokenizer_json
-        if tokenizer_json is None and (L.tokenizer / TOKENIZER_FILE).exists() and not (L.tokenizer / META_FILE).exists():
-            tokenizer_json = str(L.tokenizer / TOKENIZER_FILE)  # a tokenizer.json placed by hand (seed layout)
+        tokenizer_json = self.tokenizer_json()
+        if tokenizer_json is not None and o.tokenizer_json is None:
             self.console.print(f"[stage] tokenizer: importing the tokenizer.json found in {L.tokenizer}", markup=False)
         if changed and tokenizer_json is None and (L.tokenizer / META_FILE).exists():
             aside = L.tokenizer.with_name(L.tokenizer.name + ".previous")

@@ -155,7 +155,10 @@ def evaluate_cmd(
             for name, batches in _datasets(ck, list(data or []), limits, recipe, text_field, tokenizer, bs, sl, max_batches):
                 t0 = time.perf_counter()
                 counted = _Counted(batches())
-                loss = float(mean_loss(ck.model, counted, dev, precision.autocast))
+                try:
+                    loss = float(mean_loss(ck.model, counted, dev, precision.autocast))
+                except ValueError as exc:  # no batches: say which data gave none
+                    raise ValueError(f"{name if name == 'val_data' else f'--data {name}'}: {exc}") from None
                 seconds = time.perf_counter() - t0
                 rows.append({"data": name, "batches": counted.batches, "tokens": counted.tokens, "loss": loss,
                              "perplexity": perplexity(loss), "tokens_per_s": counted.tokens / seconds if seconds else 0.0})

@@ -30,6 +30,21 @@ SOURCE_COLUMN = "_podtrain_source"
 _STOPPING = {"first_exhausted": "first_exhausted", "all_exhausted": "all_exhausted_without_replacement"}
 
 
+def source_label(recipe: Recipe, src: SourceConfig) -> str:
+    """How errors name a recipe's source: the recipe file and the source (``--data r.yaml: source wiki``)."""
+    return f"--data {recipe.path}: source {src.label}"
+
+
+def check_local_sources(recipe: Recipe) -> None:
+    """The recipe's files and pdf sources exist and can be opened; orchestrate calls this when it
+    plans, so a glob matching nothing is reported before any stage, naming the recipe and source."""
+    for src in recipe.sources:
+        if src.type == "files":
+            resolve_inputs([src.path or ""], where=source_label(recipe, src))
+        elif src.type == "pdf":
+            pdf_files(src.path or "")
+
+
 def _raw(src: SourceConfig, where: str, cache_dir: str, token: str | None) -> "IterableDataset":
     if src.type == "pdf":
         from datasets import IterableDataset
@@ -136,8 +151,7 @@ def mixed_dataset(recipe: Recipe, cache_dir: str, token: str | None) -> "Iterabl
     from datasets import concatenate_datasets, interleave_datasets
 
     parts = [
-        source_dataset(src, i, recipe.min_text_length, f"--data {recipe.path}: source {src.label}", cache_dir, token,
-                       recipe.token_counter)
+        source_dataset(src, i, recipe.min_text_length, source_label(recipe, src), cache_dir, token, recipe.token_counter)
         for i, src in enumerate(recipe.sources)
     ]
     if len(parts) == 1:

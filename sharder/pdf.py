@@ -8,6 +8,8 @@ carries as columns next to the text.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from pathlib import Path
 from typing import Iterator
@@ -86,8 +88,22 @@ def generate_chunks(files: list[str], target: int) -> Iterator[dict[str, object]
 
     for path in files:
         try:
-            pages = [page.extract_text() or "" for page in PdfReader(path).pages]
+            with _pypdf_quiet():
+                pages = [page.extract_text() or "" for page in PdfReader(path).pages]
         except (PdfReadError, OSError, ValueError) as exc:
             raise ShardError(f"pdf source {path}: cannot read: {exc}") from None
         for text, first, last in chunk_pages(pages, target):
             yield {"text": text, "file": path, "page": first, "last_page": last}
+
+
+@contextlib.contextmanager
+def _pypdf_quiet() -> Iterator[None]:
+    """pypdf logs what it repairs or gives up on ("EOF marker not found"): a corrupt file is our one
+    line (ShardError), a repaired one reads as any other, so its log lines are noise before either."""
+    logger = logging.getLogger("pypdf")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

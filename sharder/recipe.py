@@ -336,6 +336,8 @@ def parse_dataset_limits(text: str) -> dict[str, int]:
         name, sep, value = item.partition("=")
         if not sep or not name.strip() or not value.strip().isdigit() or int(value) < 1:
             raise ValueError(f"--dataset-limit {text!r}: expected name=N,... with N >= 1 (got {item!r})")
+        if name.strip() in limits:
+            raise ValueError(f"--dataset-limit {text!r}: {name.strip()} is given twice; give each source once")
         limits[name.strip()] = int(value)
     if not limits:
         raise ValueError(f"--dataset-limit {text!r}: expected name=N,... with N >= 1")

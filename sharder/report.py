@@ -16,6 +16,8 @@ from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, Ta
 from rich.table import Table
 from rich.text import Text
 
+from training.heartbeat import Heartbeat
+
 LOG_EVERY_S = 30.0
 
 
@@ -98,6 +100,7 @@ class ShardProgress:
             disable=not self._live,
         )
         self._task = self._progress.add_task(label, total=total, text_bytes=0, shards=0)
+        self._heartbeat = Heartbeat("shard", "documents")  # boot.sh's watchdog: documents are progress
         self._start = time.monotonic()
         self._last_log = self._start
 
@@ -110,6 +113,7 @@ class ShardProgress:
 
     def update(self, documents: int, text_bytes: int, shards: int) -> None:
         self._progress.update(self._task, completed=documents, text_bytes=text_bytes, shards=shards)
+        self._heartbeat.beat(documents)
         now = time.monotonic()
         if not self._live and now - self._last_log >= LOG_EVERY_S:
             self._last_log = now

@@ -13,9 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
-    """A recipe section: unknown keys are errors, so a typo never silently takes a default."""
+    """A recipe section: unknown keys are errors, so a typo never silently takes a default; so is a
+    non-finite number (``max_perplexity: .inf``, a ``source_weights`` entry of ``.nan``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SourceConfig(Strict):

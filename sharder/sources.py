@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from sharder.errors import ShardError
+from training.hub import unreachable_reason
+from training.jsonl import describe_bad_line
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -103,24 +105,29 @@ def input_kind(path: Path) -> str | None:
     return None
 
 
-def _expand(pattern: str) -> list[Path]:
+def _naming(where: str | None, item: str | Path) -> str:
+    """How an error names a local input: ``--input PATH``, or a recipe's source and its path."""
+    return f"{where}: path {item}" if where else f"--input {item}"
+
+
+def _expand(pattern: str, where: str | None = None) -> list[Path]:
     path = Path(pattern).expanduser()
     if glob.has_magic(pattern):
         matches = [Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if Path(p).is_file()]
         if not matches:
-            raise ShardError(f"--input {pattern}: matches no file")
+            raise ShardError(f"{_naming(where, pattern)}: matches no file")
         return matches
     if path.is_dir():
         matches = sorted(p for p in path.rglob("*") if p.is_file() and input_kind(p))
         if not matches:
-            raise ShardError(f"--input {pattern}: directory holds no {SUPPORTED_SUFFIXES} file")
+            raise ShardError(f"{_naming(where, pattern)}: directory holds no {SUPPORTED_SUFFIXES} file")
         return matches
     if not path.exists():
-        raise ShardError(f"--input {pattern}: no such file")
+        raise ShardError(f"{_naming(where, pattern)}: no such file")
     return [path]
 
 
-def _check_readable(path: Path, kind: str) -> tuple[tuple[str, ...] | None, int | None]:
+def _check_readable(path: Path, kind: str, where: str | None = None) -> tuple[tuple[str, ...] | None, int | None]:
     """Fail now, before anything is written, on a file `datasets` would choke on mid-run.
 
     Returns (column names, row count) where the file format states them (parquet), else Nones.
@@ -129,9 +136,9 @@ def _check_readable(path: Path, kind: str) -> tuple[tuple[str, ...] | None, int 
         with open(path, "rb") as fh:
             head = fh.read(4)
     except OSError as exc:
-        raise ShardError(f"--input {path}: cannot read: {exc.strerror or exc}") from None
+        raise ShardError(f"{_naming(where, path)}: cannot read: {exc.strerror or exc}") from None
     if path.name.lower().endswith(".gz") and head and head[:2] != b"\x1f\x8b":
-        raise ShardError(f"--input {path}: not a gzip file")
+        raise ShardError(f"{_naming(where, path)}: not a gzip file")
     if kind != "parquet":
         return None, None
     import pyarrow as pa
@@ -141,7 +148,7 @@ def _check_readable(path: Path, kind: str) -> tuple[tuple[str, ...] | None, int 
         metadata = pq.read_metadata(path)
         return tuple(metadata.schema.to_arrow_schema().names), metadata.num_rows
     except (pa.ArrowException, OSError) as exc:
-        raise ShardError(f"--input {path}: not a readable parquet file ({_first_line(exc)})") from None
+        raise ShardError(f"{_naming(where, path)}: not a readable parquet file ({_first_line(exc)})") from None
 
 
 def resolve_inputs(patterns: list[str], where: str | None = None) -> SourceSpec:
@@ -151,7 +158,7 @@ def resolve_inputs(patterns: list[str], where: str | None = None) -> SourceSpec:
     """
     files: list[Path] = []
     for pattern in patterns:
-        for path in _expand(pattern):
+        for path in _expand(pattern, where):
             resolved = path.resolve()
             if resolved not in files:
                 files.append(resolved)
@@ -159,22 +166,22 @@ def resolve_inputs(patterns: list[str], where: str | None = None) -> SourceSpec:
     for path in files:
         kind = input_kind(path)
         if kind is None:
-            raise ShardError(f"--input {path}: unsupported file type (expected {SUPPORTED_SUFFIXES})")
+            raise ShardError(f"{_naming(where, path)}: unsupported file type (expected {SUPPORTED_SUFFIXES})")
         kinds.setdefault(kind, path)
     if len(kinds) > 1:
         listed = ", ".join(f"{kind} ({path.name})" for kind, path in kinds.items())
-        raise ShardError(f"--input mixes file types: {listed}; shard each type separately")
+        raise ShardError(f"{where or '--input'} mixes file types: {listed}; shard each type separately")
     (kind,) = kinds
     columns: tuple[str, ...] | None = ("text",) if kind == "text" else None
     readable: list[Path] = []
     for path in files:
-        file_columns, rows = _check_readable(path, kind)
+        file_columns, rows = _check_readable(path, kind, where)
         if rows == 0:
             continue
         columns = columns or file_columns
         readable.append(path)
     if not readable:
-        raise ShardError("--input: no documents in the source (every file is empty)")
+        raise ShardError(f"{where or '--input'}: no documents in the source (every file is empty)")
     return SourceSpec(kind=kind, files=tuple(readable), columns=columns, label=where)
 
 
@@ -226,8 +233,13 @@ def source_error(
         message = message.replace(token, "***")
     where = spec.flag
     index = _find_shard_index(state) if spec.kind != "hub" else None
-    if index is not None and index < len(spec.files):
-        where = f"--input {spec.files[index]}"
+    known = index is not None and index < len(spec.files)
+    if spec.kind == "json" and "JSON parse error" in message:  # pyarrow counts rows of its block: find the line
+        located = describe_bad_line([spec.files[index]] if known else list(spec.files))
+        if located is not None:
+            return ShardError(f"{spec.label}: {located}" if spec.label else f"--input {located}")
+    if known:
+        where = _naming(spec.label, spec.files[index])
     return ShardError(f"{where}: {what}: {message}")
 
 
@@ -333,6 +345,8 @@ def load_source(spec: SourceSpec, cache_dir: str, token: str | None) -> "Iterabl
     """``spec`` as a raw streaming `datasets` IterableDataset; failures are one-line ShardErrors."""
     from datasets import load_dataset
 
+    if spec.kind == "hub" and (reason := unreachable_reason()) is not None:
+        raise ShardError(f"{spec.flag}: cannot reach the Hugging Face Hub: {reason}")
     try:
         if spec.kind == "hub":
             dataset = load_dataset(

@@ -1,15 +1,17 @@
-"""A fake RunPod GraphQL API on 127.0.0.1, for running the real `runpod` SDK against in tests.
+"""A fake RunPod API on 127.0.0.1 that enforces RunPod's published REST v2 contract.
 
-The SDK posts `{"query": ...}` to `$RUNPOD_API_BASE_URL/graphql` with `Authorization: Bearer <key>`;
-podtrain's writes post `{"query": ..., "variables": {...}}` the same way. This server parses that
-GraphQL for real (a small parser for the subset both write: operations with variable definitions,
-fields, arguments, `$variables`, strings with escapes, numbers, enums, lists, objects), so a request
-mangled by string formatting (an unescaped quote in an env value) is a syntax error here as it is
-at RunPod. It records every request, keeps pods and volumes in memory, answers the operations
-podtrain uses (gpuTypes, myself{networkVolumes,pods}, podFindAndDeployOnDemand,
-podRentInterruptable, pod, podStop, podTerminate, createNetworkVolume) with only the fields asked
-for, and can answer 401 (wrong key) or GraphQL errors (no capacity, unknown pod, missing bid) the
-way RunPod does.
+Why generic: the fake is driven by RunPod's own OpenAPI file (tests/data/runpod_openapi_v2.json,
+from runpod/docs; see tests/data/README.md), not by a memory of it. Every request is routed by the
+file's paths and methods, its query parameters checked against the declared parameters, and its
+JSON body validated with jsonschema against the operation's request schema (required fields,
+types, enums, patterns, and 422 on unknown keys: the file's `additionalProperties: false` /
+`unevaluatedProperties: false`). Errors come back as the file's ErrorResponse
+(`{title, status, detail, errors}`). Every answer the fake gives is validated against the
+operation's response schema too, so the pods it hands out have the real shape.
+
+What the contract does not say is marked as the fake's own choice: the wording of a "not placed"
+400, and the legacy GraphQL spot calls (`/graphql`: `gpuTypes` with `lowestPrice`, and
+`podRentInterruptable`), which are checked to carry every value as a variable.
 """
 
 from __future__ import annotations
@@ -17,213 +19,139 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
-NO_CAPACITY = (
-    "There are no longer any instances available with the requested specifications. "
-    "Please refresh and try again."
-)
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 
-# The inputs RunPod accepts for an on-demand pod (all the SDK can write), and for a spot pod.
-DEPLOY_FIELDS = frozenset({
-    "name", "imageName", "cloudType", "startSsh", "gpuTypeId", "supportPublicIp", "gpuCount",
-    "volumeInGb", "minVcpuCount", "minMemoryInGb", "allowedCudaVersions", "dataCenterId",
-    "dockerArgs", "countryCode", "containerDiskInGb", "ports", "volumeMountPath", "env",
-    "templateId", "networkVolumeId", "minDownload", "minUpload", "stopAfter", "terminateAfter",
+SPEC_PATH = Path(__file__).parent / "data" / "runpod_openapi_v2.json"
+SPEC = json.loads(SPEC_PATH.read_text())
+_REGISTRY = Registry().with_resource("urn:runpod-openapi",
+                                     Resource.from_contents(SPEC, default_specification=DRAFT202012))
+#: The fake's own words for a create RunPod cannot place (the contract gives only "400").
+NOT_PLACED = "There are no longer any instances available with the requested specifications."
+#: Fields of GraphQL's PodRentInterruptableInput podtrain may send (runpodctl's
+#: CreatePodGQLInput, internal/api/graphql.go, plus bidPerGpu and allowedCudaVersions).
+RENT_FIELDS = frozenset({
+    "cloudType", "containerDiskInGb", "dataCenterId", "env", "gpuCount", "gpuTypeId", "imageName",
+    "name", "ports", "startSsh", "supportPublicIp", "templateId", "volumeInGb", "volumeMountPath",
+    "networkVolumeId", "minCudaVersion", "dockerArgs", "containerRegistryAuthId", "countryCode",
+    "allowedCudaVersions", "bidPerGpu",
 })
-# The input type each mutation declares for `$input` in RunPod's schema.
-INPUT_TYPES = {"podFindAndDeployOnDemand": "PodFindAndDeployOnDemandInput",
-               "podRentInterruptable": "PodRentInterruptableInput",
-               "createNetworkVolume": "CreateNetworkVolumeInput"}
-_DATETIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-SPOT_FIELDS = DEPLOY_FIELDS | {"bidPerGpu"}
 
 
-class Enum(str):
-    """A bare GraphQL enum value (SECURE), told apart from the string "SECURE"."""
+def _validator(ref: str) -> Draft202012Validator:
+    return Draft202012Validator({"$ref": f"urn:runpod-openapi#{ref}"}, registry=_REGISTRY)
 
 
-class GraphQLSyntaxError(ValueError):
-    pass
+def _resolve(node: dict[str, Any]) -> dict[str, Any]:
+    """Follow a local `$ref` (#/components/...) in the spec."""
+    while "$ref" in node:
+        target: Any = SPEC
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        node = target
+    return node
 
 
-_TOKEN = re.compile(
-    r"""(?P<skip>[\s,]+|\#[^\n]*)
-      | (?P<punct>[{}()\[\]:!$=@])
-      | (?P<number>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)
-      | (?P<name>[_A-Za-z][_0-9A-Za-z]*)
-      | (?P<string>"(?:[^"\\\n\r]|\\["\\/bfnrt]|\\u[0-9A-Fa-f]{4})*")""",
-    re.VERBOSE,
-)
+def _inline(node: Any) -> Any:
+    """A (small, acyclic) schema with its local `$ref`s replaced by what they point at."""
+    if isinstance(node, dict):
+        return {k: _inline(v) for k, v in _resolve(node).items()}
+    if isinstance(node, list):
+        return [_inline(v) for v in node]
+    return node
 
 
-def _tokens(text: str) -> list[tuple[str, str]]:
-    out, pos = [], 0
-    while pos < len(text):
-        match = _TOKEN.match(text, pos)
-        if not match:
-            raise GraphQLSyntaxError(f"Syntax Error: Unexpected character at {pos}: {text[pos]!r}")
-        pos = match.end()
-        if match.lastgroup != "skip":
-            out.append((match.lastgroup, match.group()))
+@dataclass
+class Operation:
+    """One (method, path) of the contract: its id, parameters and body/response schemas."""
+
+    method: str
+    template: str
+    operation_id: str
+    pattern: re.Pattern[str]
+    parameters: dict[str, dict[str, Any]]
+    body_ref: str | None
+    responses: dict[str, Any]
+
+
+def _operations() -> list[Operation]:
+    out = []
+    for template, item in SPEC["paths"].items():
+        shared = [_resolve(p) for p in item.get("parameters", [])]
+        regex = "^" + re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^/]+)", re.escape(template)) + "$"
+        for method, op in item.items():
+            if method == "parameters":
+                continue
+            params = {p["name"]: p for p in shared + [_resolve(p) for p in op.get("parameters", [])]}
+            content = (op.get("requestBody") or {}).get("content", {}).get("application/json")
+            body_ref = content["schema"]["$ref"].removeprefix("#") if content else None
+            out.append(Operation(method.upper(), template, op["operationId"], re.compile(regex),
+                                 params, body_ref, op["responses"]))
     return out
 
 
-class _Parser:
-    def __init__(self, text: str, variables: dict[str, Any]) -> None:
-        self.tokens = _tokens(text)
-        self.i = 0
-        self.variables = variables
-        self.declared: dict[str, str] = {}  # $name -> type, from the operation's definitions
+OPERATIONS = _operations()
 
-    def peek(self) -> tuple[str, str]:
-        return self.tokens[self.i] if self.i < len(self.tokens) else ("eof", "")
 
-    def take(self, value: str | None = None) -> tuple[str, str]:
-        token = self.peek()
-        if token[0] == "eof" or (value is not None and token[1] != value):
-            expected = value or "a token"
-            raise GraphQLSyntaxError(f"Syntax Error: Expected {expected}, found {token[1]!r}")
-        self.i += 1
-        return token
+class Problem(Exception):
+    """An error answer, as the contract's ErrorResponse."""
 
-    def document(self) -> tuple[str, list[dict[str, Any]]]:
-        kind = "query"
-        if self.peek()[1] in ("query", "mutation"):
-            kind = self.take()[1]
-            if self.peek()[0] == "name":
-                self.take()
-            if self.peek()[1] == "(":
-                self.variable_definitions()
-        selection = self.selection_set()
-        if self.peek()[0] != "eof":
-            raise GraphQLSyntaxError(f"Syntax Error: Unexpected {self.peek()[1]!r}")
-        return kind, selection
+    def __init__(self, status: int, detail: str, errors: list[str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.errors = status, detail, errors or []
 
-    def variable_definitions(self) -> None:
-        """`($input: PodFindAndDeployOnDemandInput!, ...)`; list types are not needed here."""
-        self.take("(")
-        while self.peek()[1] != ")":
-            self.take("$")
-            name = self.take()[1]
-            self.take(":")
-            kind, type_name = self.take()
-            if kind != "name":
-                raise GraphQLSyntaxError(f"Syntax Error: Expected a type, found {type_name!r}")
-            if self.peek()[1] == "!":
-                self.take("!")
-            self.declared[name] = type_name
-        self.take(")")
-
-    def selection_set(self) -> list[dict[str, Any]]:
-        self.take("{")
-        fields = []
-        while self.peek()[1] != "}":
-            kind, name = self.take()
-            if kind != "name":
-                raise GraphQLSyntaxError(f"Syntax Error: Expected Name, found {name!r}")
-            args = self.pairs("(", ")") if self.peek()[1] == "(" else {}
-            children = self.selection_set() if self.peek()[1] == "{" else []
-            fields.append({"name": name, "args": args, "fields": children})
-        self.take("}")
-        return fields
-
-    def pairs(self, opening: str, closing: str) -> dict[str, Any]:
-        """`name: value` pairs between two punctuators: arguments `( )` or an object `{ }`."""
-        self.take(opening)
-        out = {}
-        while self.peek()[1] != closing:
-            name = self.take()[1]
-            self.take(":")
-            out[name] = self.value()
-        self.take(closing)
+    def body(self) -> dict[str, Any]:
+        titles = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 409: "Conflict",
+                  422: "Unprocessable Entity", 429: "Too Many Requests",
+                  500: "Internal Server Error", 503: "Service Unavailable"}
+        out: dict[str, Any] = {"title": titles.get(self.status, "Error"), "status": self.status,
+                               "detail": self.detail}
+        if self.errors:
+            out["errors"] = self.errors
         return out
-
-    def value(self) -> Any:
-        kind, text = self.peek()
-        if text == "[":
-            self.take("[")
-            items = []
-            while self.peek()[1] != "]":
-                items.append(self.value())
-            self.take("]")
-            return items
-        if text == "{":
-            return self.pairs("{", "}")
-        if text == "$":
-            self.take("$")
-            name = self.take()[1]
-            if name not in self.declared:
-                raise GraphQLSyntaxError(f'Variable "${name}" is not defined.')
-            if name not in self.variables:
-                raise GraphQLSyntaxError(f'Variable "${name}" of required type was not provided.')
-            return self.variables[name]
-        self.take()
-        if kind == "string":
-            return json.loads(text)  # GraphQL string escapes are JSON's
-        if kind == "number":
-            return float(text) if any(c in text for c in ".eE") else int(text)
-        if kind == "name":
-            return {"true": True, "false": False, "null": None}.get(text, Enum(text))
-        raise GraphQLSyntaxError(f"Syntax Error: Unexpected {text!r}")
-
-
-def parse(text: str, variables: dict[str, Any] | None = None) -> tuple[str, list[dict[str, Any]]]:
-    """(operation kind, top-level fields) of a GraphQL document, or GraphQLSyntaxError."""
-    return _Parser(text, variables or {}).document()
-
-
-def declared_types(text: str) -> dict[str, str]:
-    """The variable definitions of an operation: {"input": "PodFindAndDeployOnDemandInput"}."""
-    parser = _Parser(text, {})
-    if parser.peek()[1] in ("query", "mutation"):
-        parser.take()
-        if parser.peek()[0] == "name":
-            parser.take()
-        if parser.peek()[1] == "(":
-            parser.variable_definitions()
-    return parser.declared
-
-
-class QueryFailure(Exception):
-    """Answered as `{"errors": [{"message": ...}]}`, as RunPod answers a refused operation."""
 
 
 @dataclass
 class Request:
-    """One recorded POST: the raw query, the Authorization header, and its parsed top field."""
+    """One recorded request: operation id, path parameters, query, JSON body, Authorization."""
 
-    query: str
+    method: str
+    path: str
     authorization: str
-    variables: dict[str, Any] = field(default_factory=dict)
-    kind: str = ""
     operation: str = ""
-    args: dict[str, Any] = field(default_factory=dict)
-    fields: list[str] = field(default_factory=list)
+    path_params: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def input(self) -> dict[str, Any]:
-        return self.args.get("input") or {}
+        """The body's fields plus the path's (`id`), or a GraphQL call's `input` variable."""
+        if isinstance(self.body, dict) and "variables" in self.body:
+            return (self.body.get("variables") or {}).get("input") or {}
+        return {**self.path_params, **(self.body if isinstance(self.body, dict) else {})}
 
 
-def _project(value: Any, fields: list[dict[str, Any]]) -> Any:
-    """Keep only the fields a selection asked for, as a GraphQL server does."""
-    if not fields or value is None:
-        return value
-    if isinstance(value, list):
-        return [_project(item, fields) for item in value]
-    return {f["name"]: _project(value.get(f["name"]), f["fields"]) for f in fields}
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 GPU_TYPES = {
-    "NVIDIA A100 80GB PCIe": {"displayName": "A100 PCIe", "memoryInGb": 80, "securePrice": 1.64,
-                              "communityPrice": 1.19, "secureSpotPrice": 0.82, "minBid": 0.6},
-    "NVIDIA A100-SXM4-80GB": {"displayName": "A100 SXM", "memoryInGb": 80, "securePrice": 1.89,
-                              "communityPrice": 1.39, "secureSpotPrice": 0.95, "minBid": 0.7},
-    "NVIDIA H100 80GB HBM3": {"displayName": "H100 SXM", "memoryInGb": 80, "securePrice": 2.99,
-                              "communityPrice": 2.69, "secureSpotPrice": 1.75, "minBid": 1.2},
+    "NVIDIA A100 80GB PCIe": {"name": "A100 PCIe", "pool": "AMPERE_80", "memory": 80,
+                              "price": {"secure": 1.64, "community": 1.19}, "minBid": 0.6},
+    "NVIDIA A100-SXM4-80GB": {"name": "A100 SXM", "pool": "AMPERE_80", "memory": 80,
+                              "price": {"secure": 1.89, "community": 1.39}, "minBid": 0.7},
+    "NVIDIA H100 80GB HBM3": {"name": "H100 SXM", "pool": "HOPPER_141", "memory": 80,
+                              "price": {"secure": 2.99, "community": 2.69}, "minBid": 1.2},
 }
 
 
@@ -234,16 +162,20 @@ class FakeRunPod:
         self.api_key = api_key
         self.requests: list[Request] = []
         self.pods: dict[str, dict[str, Any]] = {}
-        self.volumes = [
-            {"id": "vol9test42", "name": "transformer-shared", "size": 1000,
-             "dataCenterId": "EU-RO-1"}
-        ]
-        self.capacity = True
-        self.full_gpu_types: set[str] = set()  # GPU types with no capacity left
+        self.volumes = [{"id": "vol9test42", "name": "transformer-shared", "size": 1000,
+                         "dataCenter": "EU-RO-1", "type": "STANDARD"}]
+        #: GPU stock per data center (the catalog's availability levels).
+        self.stock = {"EU-RO-1": {gpu: "HIGH" for gpu in GPU_TYPES},
+                      "US-KS-2": {"NVIDIA H100 80GB HBM3": "LOW"}}
+        self.full_gpu_types: set[str] = set()  # GPU types RunPod cannot place now
+        self.fail_next: list[int] = []  # statuses to answer before serving normally (429, 5xx)
+        self.create_delay_s = 0.0  # a create answered this late (the pod exists meanwhile)
+        self.logs: dict[str, list[dict[str, str]]] = {}  # pod id -> [{ts, source, line}]
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        daemon=True)
 
     @property
     def url(self) -> str:
@@ -265,165 +197,322 @@ class FakeRunPod:
     def find(self, operation: str) -> list[Request]:
         return [r for r in self.requests if r.operation == operation]
 
-    def add_pod(self, uptimeSeconds: int = 0, costPerHr: float | None = None,  # noqa: N803
-                **overrides: Any) -> dict[str, Any]:
-        """Seed a running pod, as if created earlier (and running for `uptimeSeconds`)."""
-        pod = self._new_pod({"name": "seeded", "imageName": "runpod/pytorch:test", "gpuCount": 1,
-                             "gpuTypeId": "NVIDIA A100 80GB PCIe", "ports": "6006/http,22/tcp",
-                             "env": [], **overrides}, spot=False)
-        pod["uptimeSeconds"] = uptimeSeconds
-        if costPerHr is not None:
-            pod["costPerHr"] = costPerHr
+    def add_pod(self, uptime: int = 0, cost: float = 1.64, **overrides: Any) -> dict[str, Any]:
+        """Seed a running pod, as if created earlier (and up for `uptime` seconds)."""
+        body = {"name": "seeded", "image": "runpod/pytorch:test",
+                "gpu": {"id": "NVIDIA A100 80GB PCIe", "count": 1}, "ports": ["6006/http", "22/tcp"],
+                "env": {}}
+        body.update({k: v for k, v in overrides.items() if k in ("name", "image", "env", "gpu")})
+        pod = self._new_pod(body)
+        pod.update({k: v for k, v in overrides.items() if k not in body})
+        pod["cost"] = cost
+        if pod["runtime"] is not None:
+            pod["runtime"]["uptime"] = uptime
         return pod
 
-    # -- request handling -------------------------------------------------------------------
+    # -- HTTP ------------------------------------------------------------------------------------
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
             def log_message(self, *args: Any) -> None:  # keep test output clean
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                auth = self.headers.get("Authorization", "")
-                status, answer = fake._answer(self.path, auth, body)
-                data = json.dumps(answer).encode()
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                status, answer, stream = fake._answer(self.command, self.path, dict(self.headers),
+                                                      raw)
+                if stream is not None:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Cache-Control", "no-cache")
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.wfile.write(stream.encode())
+                    self.close_connection = True
+                    return
+                data = b"" if answer is None else json.dumps(answer).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                if answer is not None:
+                    kind = "application/problem+json" if status >= 400 else "application/json"
+                    self.send_header("Content-Type", kind)
+                if status == 429:
+                    self.send_header("Retry-After", "0")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
 
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                except ConnectionError:
+                    pass  # the client gave up (a timeout): nothing to answer, as at a real server
+
+            do_GET = do_POST = do_PATCH = do_DELETE = _serve  # noqa: N815 (http.server's naming)
+
         return Handler
 
-    def _answer(self, path: str, authorization: str, body: bytes) -> tuple[int, Any]:
-        payload = json.loads(body or b"{}")
-        query, variables = payload.get("query", ""), payload.get("variables") or {}
-        request = Request(query=query, authorization=authorization, variables=variables)
+    def _answer(self, method: str, target: str, headers: dict[str, str],
+                raw: bytes) -> tuple[int, Any, str | None]:
+        url = urlsplit(target)
+        request = Request(method=method, path=url.path, headers=headers,
+                          authorization=headers.get("Authorization", ""),
+                          params=dict(parse_qsl(url.query, keep_blank_values=True)))
+        try:
+            request.body = json.loads(raw) if raw else None
+        except ValueError:
+            request.body = raw.decode(errors="replace")
+        if method == "POST" and url.path == "/graphql":
+            request.operation = "graphql"
         with self._lock:
             self.requests.append(request)
-            if path != "/graphql":
-                return 404, {"error": f"no route {path}"}
-            if authorization != f"Bearer {self.api_key}":
-                return 401, {"error": "Unauthorized"}
             try:
-                request.kind, selection = parse(query, variables)
-            except GraphQLSyntaxError as exc:
-                return 400, {"errors": [{"message": str(exc)}]}
-            top = selection[0]
-            wanted = INPUT_TYPES.get(top["name"])
-            if wanted and "$input" in query and declared_types(query).get("input") != wanted:
-                return 400, {"errors": [{"message": f'Variable "$input" must be {wanted}.'}]}
-            request.operation, request.args = top["name"], top["args"]
-            request.fields = [f["name"] for f in top["fields"]]
-            try:
-                value = self._resolve(request.kind, top)
-            except QueryFailure as exc:
-                return 200, {"errors": [{"message": str(exc), "path": [top["name"]]}], "data": None}
-            return 200, {"data": {top["name"]: _project(value, top["fields"])}}
+                if request.authorization != f"Bearer {self.api_key}":
+                    raise Problem(401, "invalid bearer token")
+                if self.fail_next:
+                    status = self.fail_next.pop(0)
+                    raise Problem(status, "the fake answers as told: a transient failure")
+                if request.operation == "graphql":
+                    return 200, self._graphql(request), None
+                op = self._route(request)
+                self._check(op, request, raw)
+                status, answer, stream = self._serve(op, request)
+            except Problem as problem:
+                return problem.status, problem.body(), None
+        if answer is not None:
+            errors = self._off_contract(op, status, answer)
+            if errors:  # a bug in the fake: fail the test loudly, never hand out a wrong shape
+                return 500, Problem(500, f"the fake answered {op.operation_id} off-contract",
+                                    errors[:5]).body(), None
+        if self.create_delay_s and request.operation == "createPod":
+            time.sleep(self.create_delay_s)  # created, but the answer is late: a client timeout
+        return status, answer, stream
 
-    def _resolve(self, kind: str, top: dict[str, Any]) -> Any:
-        name, args = top["name"], top["args"]
-        inp = args.get("input") or {}
-        if kind == "query" and name == "gpuTypes":
-            wanted = [inp["id"]] if "id" in inp else list(GPU_TYPES)
-            count = int(_arg(top, "lowestPrice", "gpuCount") or 1)
-            return [self._gpu(gpu_id, count) for gpu_id in wanted if gpu_id in GPU_TYPES]
-        if kind == "query" and name == "myself":
-            return {"id": "user-fake", "pubKey": "", "networkVolumes": self.volumes,
-                    "pods": list(self.pods.values())}
-        if kind == "query" and name == "pod":
-            return self.pods.get(inp.get("podId"))
-        if kind == "mutation" and name in ("podFindAndDeployOnDemand", "podRentInterruptable"):
-            return self._deploy(inp, spot=name == "podRentInterruptable")
-        if kind == "mutation" and name == "podStop":
-            pod = self._pod(inp)
-            pod.update(desiredStatus="EXITED", runtime=None)
-            return pod
-        if kind == "mutation" and name == "podTerminate":
-            self.pods.pop(self._pod(inp)["id"])
-            return None
-        if kind == "mutation" and name == "createNetworkVolume":
-            volume = {"id": f"vol{len(self.volumes) + 1}fake", "name": inp["name"],
-                      "size": inp["size"], "dataCenterId": inp["dataCenterId"]}
+    def _route(self, request: Request) -> Operation:
+        allowed = []
+        for op in OPERATIONS:
+            match = op.pattern.match(request.path)
+            if match:
+                allowed.append(op.method)
+                if op.method == request.method:
+                    request.operation = op.operation_id
+                    request.path_params = {k: unquote(v) for k, v in match.groupdict().items()}
+                    return op
+        if allowed:
+            raise Problem(405, f"method {request.method} not allowed (allowed: {', '.join(allowed)})")
+        raise Problem(404, f"no route {request.path}")
+
+    def _check(self, op: Operation, request: Request, raw: bytes) -> None:
+        """Query parameters as declared, and the body against the operation's schema."""
+        errors = []
+        for name, value in request.params.items():
+            param = op.parameters.get(name)
+            if param is None or param["in"] != "query":
+                errors.append(f"query parameter {name!r} is not allowed")
+                continue
+            schema = _inline(param["schema"])
+            typed: Any = value
+            if schema.get("type") == "integer":
+                typed = int(value) if re.fullmatch(r"-?\d+", value) else value
+            elif schema.get("type") == "boolean":
+                typed = {"true": True, "false": False}.get(value, value)
+            elif schema.get("type") == "array":
+                typed = value.split(",")
+            found = [e.message for e in Draft202012Validator(schema).iter_errors(typed)]
+            errors += [f"query parameter {name!r}: {m}" for m in found]
+        if op.body_ref is None:
+            if raw:
+                errors.append("this operation takes no body")
+        elif not isinstance(request.body, (dict, list)) and raw:
+            raise Problem(400, "request body is not valid JSON")
+        elif request.body is None:
+            errors.append("request body is required")
+        else:
+            for error in _validator(op.body_ref).iter_errors(request.body):
+                where = "/".join(str(p) for p in error.absolute_path) or "(body)"
+                errors.append(f"{where}: {error.message}")
+        if errors:
+            raise Problem(422, "Request validation failed.", sorted(errors))
+
+    def _off_contract(self, op: Operation, status: int, answer: Any) -> list[str]:
+        """Where the fake's own answer leaves the operation's response schema (none: [])."""
+        response = _resolve(op.responses.get(str(status)) or op.responses["default"])
+        content = response.get("content", {})
+        schema = (content.get("application/json") or content.get("application/problem+json") or
+                  {}).get("schema")
+        if not schema:
+            return []
+        return [e.message for e in _validator(schema["$ref"].removeprefix("#")).iter_errors(answer)]
+
+    # -- operations ------------------------------------------------------------------------------
+
+    def _serve(self, op: Operation, request: Request) -> tuple[int, Any, str | None]:
+        name, body, pod_id = op.operation_id, request.body, request.path_params.get("id")
+        if name == "listPods":
+            return 200, {"pods": list(self.pods.values())}, None
+        if name == "createPod":
+            return 201, self._create(body), None
+        if name == "getPod":
+            return 200, self._pod(pod_id), None
+        if name == "deletePod":
+            self._pod(pod_id)
+            del self.pods[pod_id]
+            return 204, None, None
+        if name == "podAction":
+            return self._action(self._pod(pod_id), body["action"])
+        if name == "getPodLogs":
+            self._pod(pod_id)
+            return 200, None, self._log_stream(pod_id, request)
+        if name == "listNetworkVolumes":
+            return 200, {"networkVolumes": self.volumes}, None
+        if name == "createNetworkVolume":
+            volume = {"id": f"vol{len(self.volumes) + 1}fake", "name": body["name"],
+                      "size": body["size"], "dataCenter": body["dataCenter"],
+                      "type": body.get("type", "STANDARD")}
             self.volumes.append(volume)
-            return volume
-        raise QueryFailure(f'Cannot query field "{name}" on type "{kind.title()}".')
+            return 201, volume, None
+        if name == "getGpuType":
+            gpu_id = request.path_params["id"]
+            if gpu_id not in GPU_TYPES:
+                raise Problem(404, f"GPU type {gpu_id} not found")
+            return 200, self._gpu(gpu_id), None
+        if name == "listGpuTypes":
+            return 200, {"gpus": [self._gpu(g) for g in GPU_TYPES]}, None
+        if name == "getDataCenter":
+            dc = self._data_center(request.path_params["id"])
+            if dc is None:
+                raise Problem(404, f"data center {request.path_params['id']} not found")
+            return 200, dc, None
+        if name == "listDataCenters":
+            return 200, {"dataCenters": [self._data_center(dc) for dc in self.stock]}, None
+        raise Problem(501, f"the fake does not serve {name}")
 
-    def _gpu(self, gpu_id: str, count: int) -> dict[str, Any]:
-        gpu = GPU_TYPES[gpu_id]
-        return {"id": gpu_id, "maxGpuCount": 8, "manufacturer": "Nvidia", "cudaCores": 0,
-                "secureCloud": True, "communityCloud": True, **gpu,
-                "lowestPrice": {"minimumBidPrice": gpu["minBid"] * count,
-                                "uninterruptablePrice": gpu["communityPrice"] * count}}
+    def _gpu(self, gpu_id: str) -> dict[str, Any]:
+        info = GPU_TYPES[gpu_id]
+        return {"id": gpu_id, "name": info["name"], "pool": info["pool"], "manufacturer": "NVIDIA",
+                "memory": info["memory"], "secure": True, "community": True,
+                "price": dict(info["price"]), "maxCount": {"secure": 8, "community": 8}}
 
-    def _pod(self, inp: dict[str, Any]) -> dict[str, Any]:
-        pod = self.pods.get(inp.get("podId"))
-        if pod is None:
-            raise QueryFailure("Pod not found")
-        return pod
+    def _data_center(self, dc_id: str) -> dict[str, Any] | None:
+        if dc_id not in self.stock:
+            return None
+        return {"id": dc_id, "name": dc_id, "region": "EUROPE", "globalNetwork": False,
+                "networkVolumeTypes": ["STANDARD"], "compliance": [],
+                "gpuAvailability": [{"id": g, "name": GPU_TYPES[g]["name"], "availability": level}
+                                    for g, level in self.stock[dc_id].items()]}
 
-    def _deploy(self, inp: dict[str, Any], spot: bool) -> dict[str, Any]:
-        allowed = SPOT_FIELDS if spot else DEPLOY_FIELDS
-        unknown = sorted(set(inp) - allowed)
-        if unknown:
-            raise QueryFailure(f'Field "{unknown[0]}" is not defined by the pod input type.')
-        if spot and not isinstance(inp.get("bidPerGpu"), (int, float)):
-            raise QueryFailure('Field "bidPerGpu" of required type "Float!" was not provided.')
-        if inp.get("cloudType") not in ("SECURE", "COMMUNITY", "ALL"):  # an enum or a variable
-            raise QueryFailure('Expected type "CloudTypeEnum" for cloudType.')
-        for key in ("stopAfter", "terminateAfter"):
-            if inp.get(key) is not None and not _DATETIME.match(str(inp[key])):
-                raise QueryFailure(f'Expected type "DateTime" for {key}.')
-        cuda = inp.get("allowedCudaVersions")
-        if cuda is not None and not (isinstance(cuda, list) and all(isinstance(v, str) for v in cuda)):
-            raise QueryFailure('Expected type "[CudaVersion]" for allowedCudaVersions.')
-        if inp.get("gpuTypeId") not in GPU_TYPES:
-            raise QueryFailure("Invalid GPU type.")
-        volume = next((v for v in self.volumes if v["id"] == inp.get("networkVolumeId")), None)
-        if inp.get("networkVolumeId") and (volume is None or
-                                           inp.get("dataCenterId") != volume["dataCenterId"]):
-            raise QueryFailure("Network volume is not in the requested data center.")
-        if not self.capacity or inp["gpuTypeId"] in self.full_gpu_types:
-            raise QueryFailure(NO_CAPACITY)
-        if spot and inp["bidPerGpu"] < GPU_TYPES[inp["gpuTypeId"]]["minBid"]:
-            raise QueryFailure("Your bid is below the minimum bid price.")
-        return self._new_pod(inp, spot=spot)
+    def _pod(self, pod_id: str | None) -> dict[str, Any]:
+        if pod_id not in self.pods:
+            raise Problem(404, "resource not found")
+        return self.pods[pod_id]
 
-    def _new_pod(self, inp: dict[str, Any], spot: bool) -> dict[str, Any]:
-        pod_id = f"fakepod{len(self.pods) + 1:03d}x"
-        gpu = GPU_TYPES[inp["gpuTypeId"]]
-        count = inp.get("gpuCount") or 1
-        price = inp["bidPerGpu"] if spot else gpu["securePrice"]
+    def _create(self, body: dict[str, Any]) -> dict[str, Any]:
+        gpu = body["gpu"]["id"]
+        if gpu not in GPU_TYPES:
+            raise Problem(400, f"unknown GPU type {gpu}")
+        if gpu in self.full_gpu_types:
+            raise Problem(400, NOT_PLACED)
+        for mount in (body.get("mounts") or {}).get("network", []):
+            volume = next((v for v in self.volumes if v["id"] == mount["volumeId"]), None)
+            if volume is None:
+                raise Problem(400, f"network volume {mount['volumeId']} not found")
+            if body.get("cloud") == "COMMUNITY":
+                raise Problem(400, "network volumes are available on SECURE cloud only")
+            if volume["dataCenter"] not in body.get("dataCenterIds", [volume["dataCenter"]]):
+                raise Problem(400, "the network volume is in another data center")
+        return self._new_pod(body)
+
+    def _new_pod(self, body: dict[str, Any]) -> dict[str, Any]:
+        pod_id = f"pod{len(self.pods) + 1:03d}fake{int(time.time()) % 1000:03d}"
+        mounts = body.get("mounts") or {}
+        dc = body.get("dataCenterIds", ["EU-RO-1"])[0]
         pod = {
-            "id": pod_id, "name": inp["name"], "imageName": inp["imageName"],
-            "desiredStatus": "RUNNING", "podType": "INTERRUPTABLE" if spot else "RESERVED",
-            "gpuCount": count, "costPerHr": round(price * count, 3),
-            "containerDiskInGb": inp.get("containerDiskInGb"), "volumeInGb": inp.get("volumeInGb"),
-            "volumeMountPath": inp.get("volumeMountPath"), "dockerArgs": inp.get("dockerArgs"),
-            "dockerId": None, "ports": inp.get("ports"), "port": None,
-            "allowedCudaVersions": inp.get("allowedCudaVersions"), "stopAfter": inp.get("stopAfter"),
-            "gpuTypeId": inp["gpuTypeId"], "networkVolumeId": inp.get("networkVolumeId"),
-            "env": [f"{e['key']}={e['value']}" for e in inp.get("env") or []],
-            "memoryInGb": inp.get("minMemoryInGb"), "vcpuCount": inp.get("minVcpuCount"),
-            "uptimeSeconds": 0, "lastStatusChange": "Rented by User", "machineId": "machine-fake",
-            "machine": {"podHostId": f"{pod_id}-64410e5c", "gpuDisplayName": gpu["displayName"]},
-            "runtime": {"ports": [
-                {"ip": "203.0.113.7", "isIpPublic": True, "privatePort": 22, "publicPort": 40022,
-                 "type": "tcp"},
-                {"ip": "100.65.0.2", "isIpPublic": False, "privatePort": 6006, "publicPort": 6006,
-                 "type": "http"},
-            ]},
+            "id": pod_id, "name": body["name"], "image": body.get("image", ""),
+            "args": body.get("args", ""), "disk": body.get("disk", 50),
+            "ports": body.get("ports", []), "env": dict(body.get("env") or {}), "registry": None,
+            "status": "RUNNING", "actions": ["stop", "restart", "terminate"], "mounts": mounts,
+            "gpu": {"id": body["gpu"]["id"], "count": body["gpu"].get("count", 1)},
+            "cloud": body.get("cloud", "SECURE"), "dataCenterId": dc, "cudaVersion": "12.8",
+            "ssh": {"proxy": {"host": "ssh.runpod.io", "port": 22, "username": f"{pod_id}-64411eb2",
+                              "command": f"ssh {pod_id}-64411eb2@ssh.runpod.io"},
+                    "direct": {"host": "203.0.113.7", "port": 40022, "username": "root",
+                               "command": "ssh root@203.0.113.7 -p 40022"}},
+            "template": None, "cost": GPU_TYPES.get(body["gpu"]["id"], {"price": {"secure": 1.0}})[
+                "price"]["secure"] * body["gpu"].get("count", 1),
+            "locked": False, "globalNetworking": {"enabled": False},
+            "runtime": {"uptime": 0, "gpus": [{"util": 97, "memoryUtil": 80}],
+                        "ports": [{"private": 22, "public": 40022, "type": "tcp",
+                                   "ip": "203.0.113.7"}]},
+            "createdAt": _now(), "startedAt": _now(),
         }
         self.pods[pod_id] = pod
         return pod
 
+    def _action(self, pod: dict[str, Any], action: str) -> tuple[int, Any, None]:
+        if action not in pod["actions"]:
+            raise Problem(409, f"action {action} is not valid for a {pod['status']} pod")
+        if action == "terminate":
+            del self.pods[pod["id"]]
+            return 204, None, None
+        if action == "stop":
+            pod.update(status="EXITED", runtime=None, actions=["start", "terminate"], ssh={
+                "proxy": None, "direct": None})
+        else:
+            pod.update(status="RUNNING", actions=["stop", "restart", "terminate"],
+                       runtime={"uptime": 0, "gpus": [{"util": 0, "memoryUtil": 0}], "ports": []})
+        return 200, pod, None
 
-def _arg(top: dict[str, Any], field_name: str, arg: str) -> Any:
-    """An argument of a nested field's input (gpuTypes { lowestPrice(input: {gpuCount: 2}) })."""
-    for child in top["fields"]:
-        if child["name"] == field_name:
-            return (child["args"].get("input") or {}).get(arg)
-    return None
+    def _log_stream(self, pod_id: str, request: Request) -> str:
+        """SSE as the contract describes it: `id:` and a JSON `data:` with source, line, ts."""
+        events = [(f"{e['ts']}/{i + 1:012d}", e) for i, e in enumerate(self.logs.get(pod_id, []))]
+        source = request.params.get("source")
+        if source:
+            events = [ev for ev in events if ev[1]["source"] == source]
+        since = request.params.get("since")
+        if since:
+            events = [ev for ev in events if ev[1]["ts"] >= since]
+        after = request.headers.get("Last-Event-ID")
+        if after:
+            events = [ev for ev in events if ev[0] > after]
+        tail = int(request.params.get("tail", 100))
+        events = events[-tail:] if tail else []
+        return "".join(f"id: {eid}\ndata: {json.dumps(e)}\n\n" for eid, e in events)
+
+    # -- legacy GraphQL (spot) ----------------------------------------------------------------
+
+    def _graphql(self, request: Request) -> dict[str, Any]:
+        body = request.body if isinstance(request.body, dict) else {}
+        query, variables = body.get("query", ""), body.get("variables") or {}
+        if '"' in query:
+            return {"errors": [{"message": "values must travel as variables, not in the query"}]}
+        if "podRentInterruptable(input: $input)" in query:
+            if "$input: PodRentInterruptableInput!" not in query:
+                return {"errors": [{"message": 'Variable "$input" must be PodRentInterruptableInput.'}]}
+            inp = variables.get("input") or {}
+            unknown = sorted(set(inp) - RENT_FIELDS)
+            if unknown:
+                return {"errors": [{"message": f"unknown input fields: {', '.join(unknown)}"}]}
+            if not isinstance(inp.get("bidPerGpu"), (int, float)):
+                return {"errors": [{"message": "bidPerGpu is required"}]}
+            if inp["gpuTypeId"] in self.full_gpu_types:
+                return {"errors": [{"message": NOT_PLACED}]}
+            body_v2 = {"name": inp["name"], "image": inp["imageName"], "env": {
+                e["key"]: e["value"] for e in inp.get("env", [])},
+                "gpu": {"id": inp["gpuTypeId"], "count": inp["gpuCount"]},
+                "dataCenterIds": [inp["dataCenterId"]] if inp.get("dataCenterId") else ["EU-RO-1"]}
+            pod = self._new_pod(body_v2)
+            pod["cost"] = inp["bidPerGpu"] * inp["gpuCount"]
+            return {"data": {"podRentInterruptable": {"id": pod["id"], "name": pod["name"],
+                                                      "desiredStatus": "RUNNING",
+                                                      "costPerHr": pod["cost"]}}}
+        if "gpuTypes(input: $input)" in query:
+            gpu_id = (variables.get("input") or {}).get("id")
+            if gpu_id not in GPU_TYPES:
+                return {"data": {"gpuTypes": []}}
+            bid = GPU_TYPES[gpu_id]["minBid"]
+            return {"data": {"gpuTypes": [{"id": gpu_id, "lowestPrice": {"minimumBidPrice": bid}}]}}
+        return {"errors": [{"message": "the fake serves only the spot operations"}]}

@@ -142,8 +142,17 @@ def test_environment_knobs_are_the_defaults(inputs, tmp_path) -> None:
     empty = orchestrate("--mode", "local", "--workspace", str(workspace), "--stop-after", "shard",
                         env={**env, "RUN_SHARD": "0", "RUN_EXPERIMENT": "nothing-here"})
     assert empty.returncode == 2 and "no shards in" in empty.stderr and str(workspace / "datasets/train/nothing-here") in empty.stderr
+    # RUN_SHARD=auto (and unset, its default): without --input, the experiment's shards are reused;
+    # where there are none, --input is asked for
+    for auto in ({"RUN_SHARD": "auto"}, {}):
+        knobs = {k: v for k, v in {**env, **auto}.items() if auto or k != "RUN_SHARD"}
+        reused = orchestrate("--mode", "local", "--workspace", str(workspace), "--stop-after", "shard", env=knobs)
+        assert reused.returncode == 0 and "reused" in reused.stdout, reused.stderr
+        none = orchestrate("--mode", "local", "--workspace", str(workspace), "--stop-after", "shard",
+                           env={**knobs, "RUN_EXPERIMENT": "nothing-here"})
+        assert none.returncode == 2 and "--input: required to shard" in none.stderr
     bad = orchestrate("--mode", "local", "--workspace", str(workspace), env={**env, "RUN_SHARD": "yes"})
-    assert bad.returncode == 2 and bad.stderr.strip() == "orchestrate: error: RUN_SHARD='yes': expected 0 or 1"
+    assert bad.returncode == 2 and bad.stderr.strip() == "orchestrate: error: RUN_SHARD='yes': expected auto, 0 or 1"
 
 
 def test_missing_shards_abort_before_launch_with_a_listing(inputs, first_run, tmp_path) -> None:

@@ -138,7 +138,7 @@ def test_rerun_skips_done_sources_dedups_and_limits(tmp_path: Path) -> None:
     lines = (out / "instruct_data.jsonl").read_text().splitlines()
     assert [json.loads(x)["instruction"] for x in lines] == ["Give three tips for staying healthy.", "Translate to French.\n\nGood morning", "Say hi"]
     assert "2 duplicates dropped" in first.output
-    assert "mine.jsonl row 2: a reasoning record in the instruct file" in first.output
+    assert f"{user}:2: a reasoning record in the instruct file" in first.output  # file:line, as an editor counts
     second = _run(args)
     assert second.output.count("done earlier, skipped") == 2
     assert (out / "instruct_data.jsonl").read_text().splitlines() == lines

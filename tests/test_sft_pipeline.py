@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from orchestrator.pipeline import Pipeline, PipelineOptions
+from orchestrator.pipeline import Pipeline, PipelineError, PipelineOptions
 from orchestrator.sft.stages import parse_stages, split_overrides
 from orchestrator.stages import StageFailed
 
@@ -38,11 +38,11 @@ def test_bad_stages_flag_is_one_line_exit_2(tmp_path: Path) -> None:
 
 def test_an_sft_stage_without_its_data_names_the_command_that_makes_it(tmp_path: Path) -> None:
     opts = PipelineOptions(workspace=tmp_path, experiment="x", config=str(ROOT / "configs" / "demo.yaml"), stages=["instruct"])
-    pipe = Pipeline(opts, Console(file=io.StringIO()))
-    assert [s.name for s in pipe.stages()] == ["layout", "instruct"]
-    with pytest.raises(StageFailed, match=r"instruct_data.jsonl missing; run orchestrate sft prepare --stages instruct"):
-        pipe.run()
+    with pytest.raises(PipelineError, match=r"instruct_data.jsonl missing; run orchestrate sft prepare --stages instruct"):
+        Pipeline(opts, Console(file=io.StringIO()))  # when the run is planned, before any stage
     (tmp_path / "datasets" / "sft" / "x").mkdir(parents=True)
     (tmp_path / "datasets" / "sft" / "x" / "instruct_data.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    pipe = Pipeline(opts, Console(file=io.StringIO()))
+    assert [s.name for s in pipe.stages()] == ["layout", "instruct"]
     with pytest.raises(StageFailed, match="is .* a tokenizer bundle"):
-        Pipeline(opts, Console(file=io.StringIO())).run()
+        pipe.run()

@@ -4,6 +4,7 @@ and ``--experiment runpod-2b`` must not train the 1B config under the 2B name.""
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import subprocess
@@ -24,7 +25,9 @@ DENSE_75M = PROJECT_ROOT / "configs" / "dense_75m.yaml"
 def _instruct(tmp_path: Path, overrides: list[str]) -> tuple[object, str]:
     out = io.StringIO()
     ctx = StageContext(Layout.for_mode("local", "x", tmp_path), DENSE_75M, overrides, 1, Console(file=out, width=300))
-    cfg = stage_config(ctx, "instruct", tmp_path / "instruct_data.jsonl", tmp_path / "chat", 32005, tmp_path / "init" / "final")
+    (tmp_path / "init").mkdir(exist_ok=True)
+    (tmp_path / "init" / "final.config.json").write_text(json.dumps({"model": {"vocab_size": 32005}}))  # the start checkpoint's
+    cfg = stage_config(ctx, "instruct", tmp_path / "instruct_data.jsonl", tmp_path / "chat", tmp_path / "init" / "final")
     return cfg, out.getvalue()
 
 

@@ -9,8 +9,10 @@ can recognise and ignore them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -79,16 +81,51 @@ def atomic_write_json(final: str | os.PathLike[str], obj: Any) -> None:
 
 
 def remove_stale_temporaries(directory: str | os.PathLike[str]) -> int:
-    """Delete temporaries left by a killed writer; returns how many were removed."""
+    """Delete temporaries (files, and folders of a sharded checkpoint) left by a killed writer; returns how many."""
     directory = Path(directory)
     if not directory.is_dir():
         return 0
     removed = 0
     for path in directory.glob(TMP_PREFIX + "*"):
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
             removed += 1
     return removed
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def replace_dir(source: Path, target: Path) -> None:
+    """Put the folder ``source`` at ``target``, replacing a folder there, so that a reader finds the
+    old one or the new one whole (``os.replace`` cannot replace a non-empty folder).
+
+    An existing ``target`` is exchanged with ``source`` in one step where the kernel and file system
+    allow it; elsewhere it is first renamed aside to a temporary, which leaves an instant without
+    ``target`` (a kill there loses that tag, never leaves a torn one)."""
+    if not target.exists():
+        os.replace(source, target)
+    elif _exchange(source, target):
+        shutil.rmtree(source)
+    else:
+        aside = target.with_name(f"{TMP_PREFIX}{target.name}.old")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(target, aside)
+        os.replace(source, target)
+        shutil.rmtree(aside)
+    fsync_dir(target.parent)
 
 
 def read_versioned_json(path: Path, version: int, missing: str, error: type[Exception]) -> dict[str, Any]:

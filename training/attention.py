@@ -7,9 +7,12 @@ half-split (``rotate_half``) convention, which is what Hugging Face applies to u
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from training.config import ModelConfig
 
@@ -29,6 +32,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+@functools.cache
+def _flex(device_type: str):
+    """FlexAttention for ``device_type``: compiled once per process on CUDA (a fused kernel; inside a
+    compiled block it is inlined into the block's graph), eager elsewhere (as torchtitan wraps it)."""
+    return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -41,9 +51,10 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None = None, kv: LayerKV | None = None) -> torch.Tensor:
-        """``mask`` (B, 1, T, S) bool, True = may attend, replaces the plain causal mask (packed
-        examples, a cached prefix); ``kv`` holds this layer's keys and values from earlier calls."""
+                mask: torch.Tensor | BlockMask | None = None, kv: LayerKV | None = None) -> torch.Tensor:
+        """``mask`` replaces the plain causal mask: a (B, 1, T, S) bool tensor, True = may attend
+        (packed examples on SDPA, a cached prefix), or a :class:`BlockMask` (packed examples on
+        FlexAttention); ``kv`` holds this layer's keys and values from earlier calls."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -55,9 +66,11 @@ class Attention(nn.Module):
         y = self.attend(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask | None) -> torch.Tensor:
         """(B, H, T, D) queries over (B, Hkv, S, D) keys and values -> (B, H, T, D); causal unless ``mask``."""
         # GQA inside the kernel: no repeat_interleave copy of K and V per step.
+        if isinstance(mask, BlockMask):
+            return _flex(q.device.type)(q, k, v, block_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
                                               dropout_p=self.dropout if self.training else 0.0,
                                               enable_gqa=self.n_kv_heads != self.n_heads)

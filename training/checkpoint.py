@@ -1,6 +1,8 @@
 """Checkpoints: ``<tag>.safetensors`` + ``<tag>.state.pt`` + ``<tag>.config.json``, written atomically.
 
-A tag is whole when its three files exist, the safetensors file parses, the state loads with
+A tag is three files, or (FSDP runs) a folder ``<tag>.dcp`` of every rank's shards, written as a
+temporary and renamed whole (see training/sharded_checkpoint.py); both kinds are listed, resumed
+and pruned alike. A file tag is whole when its three files exist, the safetensors file parses, the state loads with
 ``weights_only=True`` and both carry the same step (the weights file is written last and records
 the step in its metadata, so a crash between two renames of an overwritten tag is detected, not
 mixed). ``--resume auto`` takes the newest whole tag and reports, then skips, a newer broken one.
@@ -35,6 +37,10 @@ from training.atomic import atomic_path, atomic_write_json
 
 FORMAT = "podtrain-checkpoint-1"
 SUFFIXES = (".state.pt", ".config.json", ".safetensors")  # write order: weights last
+# A sharded tag (FSDP runs, training/sharded_checkpoint.py) is a folder <tag>.dcp holding DCP's files and these:
+DCP_SUFFIX = ".dcp"
+SHARDED_META, SHARDED_STATE, SHARDED_CONFIG = "podtrain.json", "state.pt", "config.json"
+DCP_METADATA = ".metadata"  # written by DCP's coordinator once every rank's shard is on disk
 _STEP_TAG = re.compile(r"^step(\d+)$")
 _OTHER_STEP_NAME = re.compile(r"^(?:checkpoint-|step[-_]?)?(\d+)$")  # seed 004's checkpoint-1000, step1000, 1000
 LATEST = "latest"  # every save also links this tag (seed 004's latest.pt)
@@ -57,7 +63,7 @@ def tag_path(spec: str | Path) -> Path:
     names for a step turned into podtrain's tag: seed 004's ``checkpoint-1000.pt`` and ``latest.pt``,
     ``step1000``, a bare ``1000`` -> ``step0001000``, ``latest``."""
     path = Path(spec)
-    for suffix in (*SUFFIXES, ".pt"):
+    for suffix in (*SUFFIXES, DCP_SUFFIX, ".pt"):
         if path.name.endswith(suffix):
             path = path.with_name(path.name[: -len(suffix)])
             break
@@ -243,6 +249,8 @@ def write_snapshot(directory: str | Path, snap: Snapshot) -> None:
             write_safetensors(tmp, snap.weights, {"format": FORMAT, "step": str(snap.step), **snap.metadata})
         for alias in snap.aliases:
             link_tag(directory, snap.tag, alias)
+        for name in (snap.tag, *snap.aliases):
+            remove_sharded_tag(directory, name)  # an older same-named sharded tag: one format per tag name
     except Exception as exc:  # OSError, or torch/safetensors wrapping one (torch reports ENOSPC as RuntimeError)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
         raise CheckpointError(
@@ -271,19 +279,80 @@ def _slow_disk_for_tests() -> None:
         time.sleep(delay)
 
 
+def remove_files_tag(directory: Path, tag: str) -> None:
+    """Delete the file tag ``tag`` if there is one (weights first: a partly deleted tag is never "whole")."""
+    for suffix in reversed(SUFFIXES):
+        Path(directory, f"{tag}{suffix}").unlink(missing_ok=True)
+
+
+def remove_sharded_tag(directory: Path, tag: str) -> None:
+    """Delete the sharded tag ``tag`` if there is one: renamed to a temporary first, so it vanishes at once."""
+    folder = Path(directory, f"{tag}{DCP_SUFFIX}")
+    if folder.is_dir():
+        doomed = folder.with_name(f".tmp-{folder.name}.deleted")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(folder, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
 @dataclass
 class Loaded:
     tag: str
     step: int
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]  # empty for a sharded tag: every rank reads its own shards
     state: dict[str, Any]
     config: dict[str, Any]
+    sharded: Path | None = None  # the <tag>.dcp folder of a sharded tag
+
+
+def read_sharded(directory: str | Path, tag: str) -> Loaded:
+    """The header of the sharded tag ``<directory>/<tag>.dcp`` (step, training state, config), validated;
+    its tensors stay on disk. Raise CheckpointError saying what is wrong."""
+    folder = Path(directory, f"{tag}{DCP_SUFFIX}")
+    for name in (SHARDED_META, SHARDED_STATE, SHARDED_CONFIG, DCP_METADATA):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder / name}: missing (checkpoint {tag} is incomplete)")
+    try:
+        meta = json.loads((folder / SHARDED_META).read_text(encoding="utf-8"))
+        config = json.loads((folder / SHARDED_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{folder}: unreadable {SHARDED_META} or {SHARDED_CONFIG} ({exc})") from None
+    try:
+        state = torch.load(folder / SHARDED_STATE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, bad pickle
+        raise CheckpointError(f"{folder / SHARDED_STATE}: unreadable training state ({exc})") from None
+    if meta.get("format") != FORMAT or state.get("format") != FORMAT:
+        raise CheckpointError(f"{folder}: not a {FORMAT} checkpoint")
+    if meta.get("step") != state.get("step"):
+        raise CheckpointError(f"{folder}: {SHARDED_META} (step {meta.get('step')}) and state (step {state.get('step')}) disagree")
+    _check_shard_files(folder, tag)
+    return Loaded(tag, int(state["step"]), {}, state, config, sharded=folder)
+
+
+def _check_shard_files(folder: Path, tag: str) -> None:
+    """Every byte range DCP's ``.metadata`` points at exists: a damaged shard file is found here, while
+    ``--resume auto`` can still fall back to an older tag, not halfway through loading."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(folder)).read_metadata().storage_data or {}
+    except Exception as exc:  # a truncated or foreign pickle
+        raise CheckpointError(f"{folder / DCP_METADATA}: unreadable ({' '.join(str(exc).split())[:200]})") from None
+    ends: dict[str, int] = {}
+    for info in storage.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        size = (folder / name).stat().st_size if (folder / name).is_file() else 0
+        if size < end:
+            raise CheckpointError(f"{folder / name}: {size} of {end} bytes (checkpoint {tag} is damaged)")
 
 
 def load_tag(directory: str | Path, tag: str) -> Loaded:
-    """Load and validate one tag; raise CheckpointError saying what is wrong."""
+    """Load and validate one tag (a sharded one: its header only); raise CheckpointError saying what is wrong."""
     directory = Path(directory)
     base = directory / tag
+    if Path(directory, f"{tag}{DCP_SUFFIX}").is_dir() and not any(Path(f"{base}{s}").exists() for s in SUFFIXES):
+        return read_sharded(directory, tag)
     for suffix in SUFFIXES:
         if not Path(f"{base}{suffix}").is_file():
             raise CheckpointError(f"{base}{suffix}: missing (checkpoint {tag} is incomplete)")
@@ -327,6 +396,15 @@ def list_tags(directory: str | Path) -> list[tuple[int, str]]:
         except Exception:  # unreadable header: rank it first so find_latest reports it, then falls back
             step = sys.maxsize
         found.append((step, 0 if _STEP_TAG.match(tag) else 1, tag))
+    for path in directory.glob(f"*{DCP_SUFFIX}"):
+        tag = path.name[: -len(DCP_SUFFIX)]
+        if tag.startswith(".") or not path.is_dir() or any(t == tag for _, _, t in found):
+            continue
+        try:
+            step = int(json.loads((path / SHARDED_META).read_text(encoding="utf-8"))["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            step = sys.maxsize
+        found.append((step, 0 if _STEP_TAG.match(tag) else 1, tag))
     return [(step, tag) for step, _, tag in sorted(found, key=lambda t: (-t[0], t[1], t[2]))]
 
 
@@ -351,15 +429,15 @@ def resolve_resume(spec: str, checkpoint_dir: str | Path, warn: Callable[[str], 
     if spec == "auto":
         return find_latest(checkpoint_dir, warn)
     path = Path(spec)
-    if not path.is_dir():
-        path = tag_path(spec)
+    if not path.is_dir() or path.name.endswith(DCP_SUFFIX):
+        path = tag_path(spec)  # a file's or sharded folder's suffix, seed 004's checkpoint-1000.pt / latest.pt
     if path.is_dir():
         loaded = find_latest(path, warn)
         if loaded is None:
             raise NoSuchCheckpoint(f"--resume {spec}: no whole checkpoint in that directory{_existing(path)}")
         return loaded
     for base in (path, Path(checkpoint_dir) / path.name):
-        if any(Path(f"{base}{suffix}").exists() for suffix in SUFFIXES):
+        if any(Path(f"{base}{suffix}").exists() for suffix in (*SUFFIXES, DCP_SUFFIX)):
             return load_tag(base.parent, base.name)
     raise NoSuchCheckpoint(f"--resume {spec}: no such checkpoint{_existing(Path(checkpoint_dir))}")
 
@@ -377,8 +455,8 @@ def prune(directory: str | Path, keep_last_n: int, protect: set[str]) -> list[st
     steps = sorted((int(m.group(1)), tag) for _, tag in list_tags(directory) if (m := _STEP_TAG.match(tag)))
     doomed = [tag for _, tag in steps[:-keep_last_n] if tag not in protect] if len(steps) > keep_last_n else []
     for tag in doomed:
-        for suffix in reversed(SUFFIXES):  # weights first: a partly deleted tag is never "whole"
-            Path(directory, f"{tag}{suffix}").unlink(missing_ok=True)
+        remove_files_tag(directory, tag)
+        remove_sharded_tag(directory, tag)
     return doomed
 
 

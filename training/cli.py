@@ -37,6 +37,7 @@ from rich.console import Console
 
 from training.checkpoint import CheckpointError, NoSuchCheckpoint
 from training.config import CONFIG_SUFFIXES, ConfigError, TrainConfig, load_config
+from training.distributed import RankError
 from training.hf import HFError
 from training.init import InitError, resolve_config
 from training.presets import NANOGPT_DEFAULTS, PresetError, has_data_section, prepare_for_all_ranks
@@ -116,7 +117,7 @@ def main_command(
         if has_data_section(config) and not dry_run:
             prepare_for_all_ranks(lambda: _prepare_preset_data(config, console))
         cfg = resolve_config(load_config(config, overrides, notes))
-    except (ConfigError, PresetError, InitError, HFError) as exc:
+    except (ConfigError, PresetError, InitError, HFError) as exc:  # HFError: an init_from hub id not fetched
         _fail(str(exc))
     _check_wandb(cfg)
     if is_main:
@@ -136,6 +137,11 @@ def main_command(
 
     try:
         result = train(cfg, config_path=config, resume=resume, console=console)
+    except RankError as exc:  # agreed across ranks: printed once, by the rank that knows
+        if exc.speaks:
+            print(f"train: error: {exc}", file=sys.stderr, flush=True)
+        exc.said()
+        raise typer.Exit(EXIT_USAGE) from None
     except (ValueError, NoSuchCheckpoint) as exc:  # config, data (DataError, TokenShardError), flags
         _fail(str(exc), EXIT_USAGE)
     except CheckpointError as exc:  # a checkpoint that cannot be written or read while running

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
 from training.attention import Attention
 
@@ -32,7 +33,9 @@ PHASE_EPS = 1e-6  # |s| below this: the phase is taken as 0 (no rotation), not 0
 class ComplexAttention(Attention):
     """The standard layer's projections and cache; :meth:`attend` is the complex-valued rule above."""
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask | None) -> torch.Tensor:
+        if isinstance(mask, BlockMask):  # attention_impl never picks flex for this layer
+            raise ValueError("attention.type complex computes its scores itself: packed rows need the dense (sdpa) mask")
         if self.n_kv_heads != self.n_heads:  # GQA: each key/value head serves n_heads / n_kv_heads query heads
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)

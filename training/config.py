@@ -27,7 +27,9 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys are errors, and so is a non-finite float anywhere (``optimizer.lr=inf`` trains NaN weights)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class AttentionConfig(_Strict):
@@ -35,6 +37,9 @@ class AttentionConfig(_Strict):
         "standard", description="complex: heads as complex vectors, values rotated by the query-key phase (training/complex_attention.py)")
     n_heads: int = Field(8, ge=1)
     n_kv_heads: int | None = Field(None, ge=1, description="GQA/MQA key-value heads; None = n_heads")
+    impl: Literal["auto", "flex", "sdpa"] = Field(
+        "auto", description="packed examples (doc_ids): flex = FlexAttention with a document-causal BlockMask, "
+                            "sdpa = SDPA with a dense (B,1,T,T) mask; auto = flex on CUDA, sdpa elsewhere")
 
 
 class PositionalConfig(_Strict):
@@ -332,11 +337,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], notes: list[str]
 
     An alias (``learning_rate=1e-3``) sets its canonical key, so it overrides the file's value.
     """
+    setters: dict[str, tuple[str, Any]] = {}  # canonical path -> (the override that set it, its value)
     for item in overrides:
         key, value = _split_override(item)
         if notes is not None and key in ALIASES:
             notes.append(describe(key, value))
-        for path, value in canonical_key(key, value).items():
+        for path, path_value in canonical_key(key, value).items():
+            _check_alias_clash(setters, path, item, path_value)
             node = data
             parts = path.split(".")
             for part in parts[:-1]:
@@ -344,8 +351,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], notes: list[str]
                 if not isinstance(child, dict):
                     raise ConfigError(f"override {item!r}: {part} is not a section")
                 node = child
-            node[parts[-1]] = value
+            node[parts[-1]] = path_value
     return data
+
+
+def _check_alias_clash(setters: dict[str, tuple[str, Any]], path: str, item: str, value: Any) -> None:
+    """Two overrides naming one key, one of them through an alias (``n_layer=3 model.num_layers=2``),
+    with different values: refused as in a file, instead of the later one silently winning."""
+    earlier = setters.setdefault(path, (item, value))
+    if earlier[0] == item or earlier[1] == value:
+        return
+    keys = [entry.partition("=")[0].strip() for entry in (earlier[0], item)]
+    if any(k in ALIASES for k in keys):
+        named = [f"{entry} ({ALIASES[k].origin} name)" if k in ALIASES else entry for k, entry in zip(keys, (earlier[0], item))]
+        raise ConfigError(f"command line: {named[0]} and {named[1]} both set {path}, to different values; keep one")
+    setters[path] = (item, value)
 
 
 def format_validation_error(exc: ValidationError, source: str, overrides: list[str] | None = None) -> str:

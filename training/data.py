@@ -135,7 +135,7 @@ class TokenStream:
         self.state = StreamState()
         self._orders: dict[int, np.ndarray] = {}
         self._windows: dict[tuple[int, int, int], np.ndarray] = {}
-        self._checked: set[int] = set()
+        self.checked: set[int] = set()  # shards whose ids are known to fit (this reader's check, or training/id_scan.py)
 
     def order(self, epoch: int) -> np.ndarray:
         """The order in which ``epoch`` visits the shards."""
@@ -172,9 +172,9 @@ class TokenStream:
                 if st.index == len(self.paths):
                     st.epoch, st.index = st.epoch + 1, 0
                 continue
-            if shard not in self._checked:  # once per shard: an id past the embedding is a traceback (CPU) or a device assert (CUDA)
+            if shard not in self.checked:  # once per shard: an id past the embedding is a traceback (CPU) or a device assert (CUDA)
                 check_token_ids(self.paths[shard], self.vocab_size, label="model.vocab_size")
-                self._checked.add(shard)
+                self.checked.add(shard)
             tokens = open_tokens(self.paths[shard])
             out[filled : filled + len(starts)] = tokens[starts[:, None] + np.arange(seq_len + 1)]
             del tokens

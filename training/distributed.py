@@ -5,9 +5,10 @@ step reads the same on one CPU and on 64 GPUs. Settings come from the torchrun e
 (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``), so multi-node
 ``torchrun --nnodes`` needs no code change.
 
-Checkpoints are always *full* state dicts keyed by parameter name
-(``torch.distributed.checkpoint.state_dict``): FSDP shards are gathered on save and re-sharded
-on load, which is what lets a checkpoint written by 2 ranks resume on 1 and the other way round.
+The single-file checkpoints (``final``, and every tag of a DDP or one-process run) are *full*
+state dicts keyed by parameter name (``torch.distributed.checkpoint.state_dict``): FSDP shards are
+gathered on save and re-sharded on load. FSDP's step and ``best`` tags are sharded instead
+(training/sharded_checkpoint.py). Either kind written by 2 ranks resumes on 1 and the other way round.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import inspect
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,22 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from training.config import DistributedConfig
+
+T = TypeVar("T")
+
+
+class RankError(ValueError):
+    """An error some ranks hit and every rank raises (:meth:`Dist.agree`); ``speaks`` on exactly one
+    rank per distinct message, so each failure is printed once, by a rank that knows it.
+
+    ``said()`` is called by every rank once the speaker has printed: it waits for all of them, so no
+    rank exits (and has torchrun stop the speaker) before the line is out.
+    """
+
+    def __init__(self, message: str, speaks: bool, said: Callable[[], None] = lambda: None) -> None:
+        super().__init__(message)
+        self.speaks = speaks
+        self.said = said
 
 
 def resolve_device(spec: str, local_rank: int) -> torch.device:
@@ -150,6 +167,31 @@ class Dist:
         t, work = handle
         work.wait()
         return bool(t.item())
+
+    def agree(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on every rank; a ValueError on any rank is raised on all of them as a :class:`RankError`.
+
+        Without this, a rank whose data is missing exits with its line while the others wait in their
+        next collective and die with a gloo traceback each. The lowest rank holding a message speaks
+        for it; a message not every rank shares is prefixed with that rank.
+        """
+        try:
+            value, error = fn(), None
+        except ValueError as exc:
+            value, error = None, exc
+        if self.world_size == 1:
+            if error is not None:
+                raise error
+            return value  # type: ignore[return-value]
+        messages = self.gather_objects(None if error is None else str(error))
+        if all(m is None for m in messages):
+            return value  # type: ignore[return-value]
+        if error is None:
+            raise RankError("another rank failed", speaks=False, said=self.slow_barrier)
+        mine = str(error)
+        shared = all(m == mine for m in messages)
+        raise RankError(mine if shared else f"rank {self.rank}: {mine}", speaks=messages.index(mine) == self.rank,
+                        said=self.slow_barrier)
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (small Python values: resume metadata, an error line)."""

@@ -17,8 +17,8 @@ a time beyond what the safetensors files map, not a second copy of the model.
 
 from __future__ import annotations
 
+import glob
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json")
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # transformers' own default max_shard_size
+EXPORTING = ".podtrain-export"  # inside an export's temporary folder until it is renamed into place
 
 
 class HFError(ValueError):
@@ -53,12 +54,10 @@ def local_folder(location: str, spec: str) -> Path:
 
         return Path(snapshot_download(location, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
     except Exception as exc:  # offline, unknown repo, gated: huggingface_hub raises several types
-        if type(exc).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):  # HF_HUB_OFFLINE=1 or no network
-            raise HFError(f"init_from {spec}: not a local checkpoint or folder, and not in the Hugging Face cache "
-                          f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) while the hub cannot be reached "
-                          f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}); run once online, or point "
-                          f"init_from at a local folder (huggingface-cli download {location} --local-dir DIR)") from None
-        detail = " ".join(str(exc).split())[:200]
+        from huggingface_hub import constants
+
+        detail = ("not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 keeps the hub from being asked"
+                  if constants.HF_HUB_OFFLINE else " ".join(str(exc).split())[:200])
         raise HFError(f"init_from {spec}: not a local checkpoint or folder, and not fetched from the Hugging Face hub ({detail})") from None
 
 
@@ -351,19 +350,26 @@ def export(weights_path: Path, train_config: dict[str, Any], out_dir: Path, *, t
     """Export one podtrain checkpoint as an HF model folder, atomically: built in a sibling
     temporary folder and renamed, so an interrupted export leaves no half folder under ``out_dir``."""
     cfg = ModelConfig.model_validate(train_config["model"])
-    dtype = _weights_dtype(weights_path)
+    try:
+        dtype = _weights_dtype(weights_path)
+    except Exception as exc:  # SafetensorError for a truncated or foreign file
+        raise HFError(f"{weights_path}: unreadable weights ({' '.join(str(exc).split())[:200]})") from None
     hf_config = model_to_hf_config(cfg, dtype)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise HFError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*/{EXPORTING}"):  # a killed export's half folder
+        shutil.rmtree(stale.parent, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        (tmp / EXPORTING).touch()  # marks the folder as ours to remove, should this export be killed
         files, count, total = export_weights(weights_path, cfg, tmp, max_shard_bytes)
         described, special = export_tokenizer(tokenizer or train_config.get("tokenizer_path"), tmp)
         hf_config.update(special)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         generation = {"do_sample": False, **special}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        (tmp / EXPORTING).unlink()
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

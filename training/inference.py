@@ -55,7 +55,11 @@ def load_checkpoint(spec: str, device: str | torch.device = "cpu") -> Checkpoint
         raise InitError(f"checkpoint {spec}: {exc}") from None
     model = Transformer(cfg.model)
     try:
-        model.load_state_dict(load_file(f"{base}.safetensors"))
+        weights = load_file(f"{base}.safetensors")
+    except Exception as exc:  # SafetensorError for a truncated or foreign file (not an OSError or ValueError)
+        raise InitError(f"checkpoint {spec}: {base}.safetensors: unreadable weights ({' '.join(str(exc).split())[:200]})") from None
+    try:
+        model.load_state_dict(weights)
     except RuntimeError as exc:  # missing/unexpected keys or shapes: torch lists them all on several lines
         first = " ".join(str(exc).split())[:300]
         raise InitError(f"checkpoint {spec}: {base}.safetensors does not match its config: {first}") from None

@@ -49,12 +49,20 @@ class Source:
 def resolve_source(spec: str, label: str = "init_from") -> Source:
     """Decide what ``spec`` names without reading any weights; ``label`` starts error lines (the key or argument)."""
     path = Path(spec)
-    if not path.is_dir():
-        path = ckpt.tag_path(spec)  # ckpt/best.safetensors, seed 004's ckpt/latest.pt or checkpoint-1000.pt
+    if not path.is_dir() or path.name.endswith(ckpt.DCP_SUFFIX):
+        path = ckpt.tag_path(spec)  # ckpt/best.safetensors, a sharded folder, seed 004's ckpt/latest.pt or checkpoint-1000.pt
+    sharded = path if path.name.endswith(ckpt.DCP_SUFFIX) else Path(f"{path}{ckpt.DCP_SUFFIX}")
+    if sharded.is_dir() and not Path(f"{path}.safetensors").is_file():
+        raise InitError(f"{label} {spec}: a sharded (FSDP) tag; turn it into one file first: python -m training.consolidate {sharded}")
     if path.is_dir():
         if (path / "config.json").is_file():
             return Source("hf", str(path), spec)
-        tags = [tag for _, tag in ckpt.list_tags(path) if (path / f"{tag}.config.json").is_file()]
+        listed = ckpt.list_tags(path)
+        if listed and (path / f"{listed[0][1]}{ckpt.DCP_SUFFIX}").is_dir() and not (path / f"{listed[0][1]}.config.json").is_file():
+            newest = path / f"{listed[0][1]}{ckpt.DCP_SUFFIX}"
+            raise InitError(f"{label} {spec}: the newest tag is sharded (FSDP); turn it into one file first: "
+                            f"python -m training.consolidate {newest}")
+        tags = [tag for _, tag in listed if (path / f"{tag}.config.json").is_file()]
         if not tags:
             raise InitError(f"{label} {spec}: a directory with neither podtrain checkpoints (<tag>.safetensors + "
                             f"<tag>.config.json) nor a Hugging Face config.json")

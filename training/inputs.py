@@ -29,8 +29,10 @@ def open_stream(spec: str | list[str], key: str, cfg: TrainConfig, tokenizer: Ca
     return TextStream(files, tokenizer() if any(not f.ids for f in files) else None, cfg.seed, cfg.model.vocab_size, key=key)
 
 
-def pretrain_loaders(cfg: TrainConfig, rank: int, world: int) -> tuple[BatchLoader, Callable[[], Iterator[tuple]] | None]:
-    """The training loader and the validation batches (the same ones at every evaluation).
+def pretrain_loaders(cfg: TrainConfig, rank: int, world: int) -> tuple[BatchLoader, Callable[[], Iterator[tuple]] | None, list[TokenStream]]:
+    """The training loader, the validation batches (the same ones at every evaluation), and the
+    token streams among them, whose ids ``training.id_scan`` checks against the vocabulary (text is
+    tokenized by a tokenizer already checked against it).
 
     Text validation batches are tokenized once and kept (``eval_steps`` batches), since reading
     them again would tokenize the same rows at every evaluation.
@@ -39,14 +41,14 @@ def pretrain_loaders(cfg: TrainConfig, rank: int, world: int) -> tuple[BatchLoad
     train = open_stream(cfg.train_data, "train_data", cfg, tokenizer)
     loader = BatchLoader(train, cfg.batch_size, cfg.seq_len, rank, world)
     if not cfg.val_data:
-        return loader, None
+        return loader, None, _token_streams(train)
     val = open_stream(cfg.val_data, "val_data", cfg, tokenizer)
 
     def batches() -> Iterator[tuple]:
         return iter_eval_batches(val, cfg.batch_size, cfg.seq_len, cfg.eval_steps, rank, world)
 
     if isinstance(val, TokenStream):
-        return loader, batches
+        return loader, batches, _token_streams(train, val)
 
     @functools.cache
     def kept() -> list[tuple]:
@@ -54,4 +56,8 @@ def pretrain_loaders(cfg: TrainConfig, rank: int, world: int) -> tuple[BatchLoad
         val.close()
         return out
 
-    return loader, lambda: iter(kept())
+    return loader, lambda: iter(kept()), _token_streams(train)
+
+
+def _token_streams(*streams: Stream) -> list[TokenStream]:
+    return [s for s in streams if isinstance(s, TokenStream)]

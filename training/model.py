@@ -13,6 +13,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from training.attention import Attention, KVCache, LayerKV, rope_tables
 from training.complex_attention import ComplexAttention
@@ -45,7 +46,7 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None = None, kv: LayerKV | None = None) -> torch.Tensor:
+                mask: torch.Tensor | BlockMask | None = None, kv: LayerKV | None = None) -> torch.Tensor:
         h = self.input_layernorm(x)
         if self.parallel:
             return x + self.resid_dropout(self.self_attn(h, rope, mask, kv) + self.mlp(h))
@@ -126,7 +127,8 @@ class Transformer(nn.Module):
         Targets equal to -100 are ignored (masked fine-tuning).
 
         ``doc_ids`` (B, T) marks packed examples: a token attends only within its own example and
-        positions restart at each one, so a packed row computes what its examples would alone.
+        positions restart at each one, so a packed row computes what its examples would alone. The
+        mask is built once here and shared by every layer (see :func:`attention_impl`).
         ``cache`` continues from the positions already in it (incremental decoding).
         """
         T = idx.shape[1]
@@ -135,7 +137,8 @@ class Transformer(nn.Module):
         mask = None
         if doc_ids is not None:
             positions = document_positions(doc_ids)
-            mask = document_mask(doc_ids)
+            flex = attention_impl(self.cfg, doc_ids.device, self.training) == "flex"
+            mask = document_block_mask(doc_ids) if flex else document_mask(doc_ids)
         elif cache is not None and start > 0 and T > 1:  # a chunk after a cached prefix: causal over both
             mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(start)[None, None]
         x = self.embed_tokens(idx)
@@ -188,6 +191,39 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     T = doc_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
     return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+
+
+def attention_impl(cfg: ModelConfig, device: torch.device, training: bool) -> str:
+    """``flex`` or ``sdpa`` for packed examples, from ``model.attention.impl``.
+
+    ``auto`` takes FlexAttention on CUDA, where the compiled kernel skips the blocks outside every
+    example (a dense mask makes SDPA leave flash attention and compute all T x T pairs), and SDPA
+    elsewhere: torch has no FlexAttention backward on CPU or MPS, and its CPU forward without
+    compile materialises the scores as the dense path does. Flex has no dropout, so dropout while
+    training needs SDPA.
+    """
+    dropout = training and cfg.dropout > 0
+    if cfg.attention.type == "complex":  # explicit complex scores (training/complex_attention.py): a dense mask
+        if cfg.attention.impl == "flex":
+            raise ValueError("model.attention.impl: flex cannot compute attention.type complex; use sdpa or auto")
+        return "sdpa"
+    if cfg.attention.impl == "flex" and dropout:
+        raise ValueError(f"model.attention.impl: flex has no attention dropout (model.dropout is {cfg.dropout}); use sdpa or auto")
+    if cfg.attention.impl == "auto":
+        return "flex" if device.type == "cuda" and not dropout else "sdpa"
+    return cfg.attention.impl
+
+
+def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
+    """The :func:`document_mask` as a FlexAttention ``BlockMask``: per 128 x 128 tile, whether it is
+    empty, full or partial, so the kernel skips the tiles between examples and never holds T x T.
+    Built from a ``mask_mod`` (compiled on CUDA, where the eager build would materialise B x T x T)."""
+    B, T = doc_ids.shape
+
+    def same_document_causal(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
+
+    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device, _compile=doc_ids.is_cuda)
 
 
 def fill_parameter(param: torch.Tensor, fill, seed: int, index: int) -> None:

@@ -31,9 +31,11 @@ from training import checkpoint as ckpt
 from training import init
 from training.checkpointer import Checkpointer
 from training.config import TrainConfig
-from training.data import Prefetcher
+from training.data import Prefetcher, TokenStream
 from training.distributed import Dist, setup
 from training.evaluate import mean_loss, perplexity
+from training.heartbeat import Heartbeat
+from training.id_scan import IdScan
 from training.inputs import pretrain_loaders
 from training.metrics import RunLog, compile_report, device_peak_flops, mfu, system_telemetry, trim_metrics
 from training.model import build_meta_model, count_parameters, flops_per_token
@@ -102,14 +104,17 @@ def evaluate(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch
     return float(dist.all_reduce_mean(mean_loss(model, batches, dist.device, precision.autocast)))
 
 
-def _data(cfg: TrainConfig, dist: Dist, warn) -> tuple[Any, Callable[[], Iterator[tuple]] | None]:
-    """The training loader and the validation batches of ``cfg.stage``: windows of token shards or of
-    text tokenized on the fly for pretraining (training/inputs.py), chat-template examples for a
-    fine-tuning stage (training/sft/loader.py)."""
+def _data(cfg: TrainConfig, dist: Dist, warn) -> tuple[Any, Callable[[], Iterator[tuple]] | None, list[TokenStream]]:
+    """The training loader, the validation batches of ``cfg.stage`` and the token streams whose ids
+    :class:`IdScan` checks: windows of token shards or of text tokenized on the fly for pretraining
+    (training/inputs.py), chat-template examples for a fine-tuning stage (training/sft/loader.py)."""
+    if not cfg.val_data and "eval_every" in cfg.model_fields_set and dist.is_main:
+        warn(f"val_data: not set, so eval_every={cfg.eval_every} evaluates nothing: no validation loss, "
+             f"no best checkpoint (point val_data at held-out token shards)")
     if cfg.stage != "pretrain":
         from training.sft.loader import build_sft_loaders
 
-        return build_sft_loaders(cfg, dist.rank, dist.world_size, warn if dist.is_main else None)
+        return (*build_sft_loaders(cfg, dist.rank, dist.world_size, warn if dist.is_main else None), [])
     return pretrain_loaders(cfg, dist.rank, dist.world_size)
 
 
@@ -152,7 +157,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
     optimizer = build_optimizer(net, cfg.optimizer, "cpu" if fsdp_offload else dist.device.type, host_state=offload and not fsdp_offload)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.schedule_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision.use_scaler)
-    loader, val_batches = _data(cfg, dist, log.warn)
+    loader, val_batches, streams = dist.agree(lambda: _data(cfg, dist, log.warn))  # one rank's missing data fails all, said once
     checkpoints = Checkpointer(ckpt_dir, dist, cfg.to_plain(), cfg.keep_last_n, cfg.model.tie_embeddings, log.warn)
 
     step, tokens_seen, best_val = 0, 0, math.inf
@@ -208,6 +213,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
     stop.install()
     agreement = MicroStepAgreement(dist, stop)
     batches = Prefetcher(loader, cfg.num_workers, pin=dist.device.type == "cuda")
+    scan = IdScan(streams)  # every shard's ids, while the first steps run
     result = TrainResult(EXIT_OK, step, tokens_seen, 0.0, best_val_loss=best_val, checkpoint_dir=str(ckpt_dir))
 
     def state(loader_state: dict[str, int]) -> dict[str, Any]:
@@ -223,6 +229,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
 
     bad_steps, first_step = 0, True
     epoch_seen = batches.state_dict().get("epoch", 0)  # save_every_epoch: a checkpoint when this grows
+    heartbeat = Heartbeat("train", "steps", enabled=dist.is_main)  # boot.sh's watchdog: a step is progress
     window_start, window_tokens, window_excluded = time.perf_counter(), 0, 0.0
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     net.train()
@@ -250,6 +257,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                 scaler.update()
                 scheduler.step()
                 step, bad_steps = step + 1, 0
+                heartbeat.beat(step)
                 tokens_seen += tokens_per_step
                 window_tokens += tokens_per_step
             else:
@@ -269,7 +277,9 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                     batches.take_waited()
             if bad_steps >= cfg.max_bad_steps:
                 save([ckpt.step_tag(step)], block=True)
-                log.info(f"stopping: {bad_steps} non-finite losses in a row; last good weights saved as {ckpt.step_tag(step)} "
+                kept = (f"last good weights saved as {ckpt.step_tag(step)}" if checkpoints.last_saved
+                        else "the weights themselves are no longer finite, so none were saved")
+                log.info(f"stopping: {bad_steps} non-finite losses in a row; {kept} "
                          f"(lower optimizer.lr or check the data, then --resume auto)")
                 result.exit_code = EXIT_NONFINITE
                 break
@@ -290,10 +300,14 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                 result.losses[step] = loss_v
                 window_start, window_tokens, window_excluded = time.perf_counter(), 0, 0.0
             timed = cfg.save_every_minutes is not None and time.monotonic() - checkpoints.last_save > 60 * cfg.save_every_minutes
+            if step == cfg.num_steps:
+                scan.wait()  # a run never ends "done" on shards holding ids its model cannot embed
             epoch = batches.state_dict().get("epoch", 0)
-            stopping, timed, epoch_end = dist.any_flag(stop.raised, timed and dist.is_main,
-                                                       cfg.save_every_epoch and epoch > epoch_seen)
+            stopping, timed, bad_ids, epoch_end = dist.any_flag(stop.raised, timed and dist.is_main, scan.failed,
+                                                                cfg.save_every_epoch and epoch > epoch_seen)
             epoch_seen = epoch
+            if bad_ids:
+                dist.agree(scan.raise_error)
             if stopping:
                 result.exit_code = _stop(stop, dist, checkpoints, cfg, log, step, lambda: save([ckpt.step_tag(step)], True))
                 break

@@ -3,13 +3,15 @@
 Why so strict: a pod that boots with a typo costs GPU hours, and a literal token in a manifest ends
 up in git and in RunPod's pod record. So every problem is caught here and reported as ONE line
 naming the key path (`volumeMounts[0].volumeName: ...`), and secret-looking values are never echoed.
-Every string in the file (command, name, image, env, ...) is checked for token shapes. Quotes,
-backslashes and newlines are fine: the request carries values as GraphQL variables (pods/api.py).
+Every string in the file (command, name, image, env names and values, ...) is checked for token
+shapes and `scheme://user:password@` URLs, and any message that names one masks it. Quotes,
+backslashes and newlines are fine: the request is JSON (pods/rest.py).
 
 The safety rails live here with safe defaults, so a forgotten key never means an unbounded bill:
-`allowedCudaVersions` (read from the image tag when not given), `maxRuntimeHours` (RunPod's
-server-side `stopAfter`), `watchdogMinutes` (boot.sh stops a pod whose trainer logs no step), a
-list of GPU types tried in order.
+`minCudaVersion` (read from the image tag when not given), `maxRuntimeHours` (an absolute
+`RUN_DEADLINE` in the pod's env: boot.sh stops the pod then, `orchestrate pod reap` from outside;
+RunPod itself enforces no runtime cap), `maxHourlyPrice`/`maxTotalPrice` (refused before create),
+`watchdogMinutes` (boot.sh stops a hung stage), a list of GPU types tried in order.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -38,9 +41,16 @@ VOLUME_PLACEHOLDER = "YOUR_VOLUME_ID"
 
 #: RunPod's spot window between SIGTERM and SIGKILL: the trainer's grace on a spot pod.
 SPOT_GRACE_S = 5
-#: Host CUDA versions RunPod filters on (its `allowedCudaVersions` values), oldest first.
-RUNPOD_CUDA_VERSIONS = ("11.8", "12.0", "12.1", "12.2", "12.3", "12.4", "12.5", "12.6", "12.7",
-                        "12.8", "12.9", "13.0")
+#: Env keys `pod create` sets itself (the contract with boot.sh and `pod reap`), never the user.
+MANAGED_ENV = ("PODTRAIN_MANAGED", "RUN_DEADLINE", "RUN_VOLUME_ID", "BOOT_WATCHDOG_MINUTES")
+#: Manifest keys that REST v2 cannot express, with what to do instead (refused, never ignored).
+_RETIRED_KEYS = {
+    "minVcpuCount": "REST v2 has no CPU floor for GPU pods (RunPod allots vCPUs per GPU): remove it",
+    "minMemoryInGb": "REST v2 has no RAM floor for GPU pods (RunPod allots RAM per GPU): remove it",
+    "terminateAfterHours": "RunPod enforces no terminate time (GraphQL's terminateAfter was "
+                           "ignored): remove it; `orchestrate pod reap --terminate` deletes pods "
+                           "past maxRuntimeHours",
+}
 # The CUDA version in an image tag: runpod/pytorch:...-cu1281-... or ...-cuda12.8.1-...
 _IMAGE_CUDA = re.compile(r"(?:cu|cuda)(1[0-9])\.?([0-9])(?:\.?[0-9])?(?![0-9])")
 _SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
@@ -48,8 +58,23 @@ _SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
 # the SSH public key to authorize.
 _PUBLIC_NAMES = frozenset({"PUBLIC_KEY"})
 _SECRET_REF = re.compile(r"^\{\{\s*RUNPOD_SECRET_[A-Za-z0-9_.-]+\s*\}\}$")
-# Known credential shapes (Hugging Face, RunPod, OpenAI-style): refused under ANY env name.
-_LITERAL_TOKEN = re.compile(r"\b(?:hf_[A-Za-z0-9]{20,}|rpa_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,})")
+# Known credential shapes, refused in any string of the manifest: GitHub (ghp_, gho_, ghu_, ghs_,
+# ghr_, github_pat_), GitLab (glpat-), Hugging Face (hf_), RunPod (rpa_), OpenAI-style (sk-), AWS
+# access key ids (AKIA/ASIA), Slack (xox?-), and any URL carrying `user:password@`.
+_TOKEN_SHAPES = (
+    r"gh[pousr]_[A-Za-z0-9]{20,}",
+    r"github_pat_[A-Za-z0-9_]{20,}",
+    r"glpat-[A-Za-z0-9_-]{20,}",
+    r"hf_[A-Za-z0-9]{20,}",
+    r"rpa_[A-Za-z0-9]{20,}",
+    r"sk-[A-Za-z0-9_-]{20,}",
+    r"(?:AKIA|ASIA)[A-Z0-9]{16}",
+    r"xox[abposr]-[A-Za-z0-9-]{10,}",
+)
+_LITERAL_TOKEN = re.compile(
+    r"(?<![A-Za-z0-9])(?P<token>" + "|".join(_TOKEN_SHAPES) + r")"
+    r"|(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/:@]+):(?P<password>[^\s/@]+)@"
+)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _EXPERIMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PORT = re.compile(r"^([0-9]{1,5})/(http|tcp)$")
@@ -68,13 +93,23 @@ class _KeyedError(ValueError):
         self.message = message
 
 
-def cuda_versions_for(image: str) -> list[str] | None:
-    """The host CUDA versions that can run `image` (its CUDA or newer), from the image tag."""
+def cuda_floor_for(image: str) -> str | None:
+    """The CUDA version an image tag names (`cu1281` -> '12.8'): the host's floor for it."""
     match = _IMAGE_CUDA.search(image.rpartition(":")[2])
-    if not match:
-        return None
-    floor = (int(match.group(1)), int(match.group(2)))
-    return [v for v in RUNPOD_CUDA_VERSIONS if tuple(map(int, v.split("."))) >= floor]
+    return f"{int(match.group(1))}.{int(match.group(2))}" if match else None
+
+
+def mask(text: str) -> str:
+    """`text` with every token shape and URL password replaced by its kind and `***`."""
+
+    def hide(match: re.Match[str]) -> str:
+        if match.group("token"):
+            token = match.group("token")
+            prefix = re.match(r"[a-z_]+[_-]|AKIA|ASIA", token)
+            return f"{prefix.group() if prefix else ''}***"
+        return f"{match.group('scheme')}{match.group('user')}:***@"
+
+    return _LITERAL_TOKEN.sub(hide, text)
 
 
 class _Strict(BaseModel):
@@ -89,11 +124,12 @@ class VolumeMount(_Strict):
 
     @field_validator("volume_name")
     @classmethod
-    def _real_volume(cls, value: str) -> str:
+    def _real_volume(cls, value: str, info: ValidationInfo) -> str:
         where = "find it with `orchestrate volume list` or the console's Storage page"
         if not value.strip():
             raise ValueError(f"is empty: set your network volume id; {where}")
-        if value.strip() == VOLUME_PLACEHOLDER or value.startswith("<"):
+        placeholder = value.strip() == VOLUME_PLACEHOLDER or value.startswith("<")
+        if placeholder and not _placeholders_ok(info):
             raise ValueError(f"set your network volume id (placeholder {VOLUME_PLACEHOLDER!r}); {where}")
         if not re.fullmatch(r"[A-Za-z0-9_-]+", value):
             raise ValueError(f"{value!r} is not a RunPod volume id (letters, digits, - and _)")
@@ -117,36 +153,46 @@ class PodManifest(_Strict):
     #: One GPU type id, or a list tried in order when RunPod has no capacity for the first.
     gpu_type: str | list[str] = Field(alias="gpuType", min_length=1)
     gpu_count: int = Field(1, alias="gpuCount", ge=1, le=8)
-    cloud_type: Literal["secure", "community", "all"] = Field("secure", alias="cloudType")
+    cloud_type: Literal["secure", "community"] = Field("secure", alias="cloudType")
+    #: Legacy: an interruptible pod exists only in RunPod's GraphQL API (pods/spot.py).
     spot: bool = False
     bid_per_gpu: float | None = Field(None, alias="bidPerGpu", gt=0, le=100)
     container_disk_in_gb: int = Field(50, alias="containerDiskInGb", ge=10, le=2000)
-    min_vcpu_count: int = Field(1, alias="minVcpuCount", ge=1)
-    min_memory_in_gb: int = Field(1, alias="minMemoryInGb", ge=1)
     volume_mounts: list[VolumeMount] = Field(alias="volumeMounts", min_length=1, max_length=1)
     ports: list[str] = Field(default_factory=lambda: ["6006/http", "22/tcp"])
     env: dict[str, str] = Field(default_factory=dict)
     command: str = ""
-    #: Host CUDA versions the pod may land on; None: every version the image's CUDA runs on.
+    #: The host CUDA floor (`gpu.minCudaVersion`); None: read from the image tag.
+    min_cuda_version: str | None = Field(None, alias="minCudaVersion", pattern=r"^\d+\.\d+$")
+    #: An explicit closed list of host CUDA versions (`gpu.allowedCudaVersions`, matched exactly:
+    #: a host with a newer CUDA is excluded), sent only when given.
     allowed_cuda_versions: list[str] | None = Field(None, alias="allowedCudaVersions", min_length=1)
-    #: RunPod stops the pod this long after creation whatever runs in it (`stopAfter`).
+    #: The pod's deadline, this long after creation: RUN_DEADLINE in its env (boot.sh stops the
+    #: pod then; `orchestrate pod reap` from outside). RunPod enforces no runtime cap itself.
     max_runtime_hours: float = Field(72, alias="maxRuntimeHours", gt=0, le=24 * 31)
-    #: Optionally delete the pod this long after creation (`terminateAfter`); the volume stays.
-    terminate_after_hours: float | None = Field(None, alias="terminateAfterHours", gt=0)
-    #: boot.sh stops a pod whose trainer logged no step for this long (0: no watchdog).
+    #: Refuse a pod whose catalog price (all its GPUs) is above this many $/h.
+    max_hourly_price: float | None = Field(None, alias="maxHourlyPrice", gt=0)
+    #: Refuse a pod whose price times maxRuntimeHours is above this many $.
+    max_total_price: float | None = Field(None, alias="maxTotalPrice", gt=0)
+    #: boot.sh stops a pod whose stage shows no progress for this long (0: no watchdog).
     watchdog_minutes: float = Field(30, alias="watchdogMinutes", ge=0)
 
     @model_validator(mode="before")
     @classmethod
     def _no_literal_tokens(cls, data: Any) -> Any:
-        """Every string in the file, keys included, is checked for a token shape, first."""
+        """Every string in the file, keys included, is checked for a token shape, first; keys
+        REST v2 cannot express are refused with what to do instead."""
         for path, text in _strings(data, ""):
             if looks_like_literal_token(text):
                 raise _KeyedError(
                     path or "(top level)",
-                    "looks like a literal access token; put it in a RunPod secret and write "
-                    "'{{ RUNPOD_SECRET_<name> }}' in env (it is never sent or printed)",
+                    "looks like a literal access token or a URL with a password; put it in a "
+                    "RunPod secret and write '{{ RUNPOD_SECRET_<name> }}' in env (it is never "
+                    "sent or printed)",
                 )
+        for key, message in _RETIRED_KEYS.items():
+            if isinstance(data, dict) and key in data:
+                raise _KeyedError(key, message)
         return data
 
     @field_validator("gpu_type")
@@ -165,9 +211,9 @@ class PodManifest(_Strict):
     @classmethod
     def _cuda(cls, value: list[str] | None) -> list[str] | None:
         for i, version in enumerate(value or []):
-            if version not in RUNPOD_CUDA_VERSIONS:
-                raise _KeyedError(f"allowedCudaVersions[{i}]", f"{version!r} is not one of "
-                                  f"RunPod's CUDA versions ({', '.join(RUNPOD_CUDA_VERSIONS)})")
+            if not re.fullmatch(r"\d+\.\d+", version):
+                raise _KeyedError(f"allowedCudaVersions[{i}]", f"{version!r} is not a CUDA "
+                                  "version like '12.8'")
         return value
 
     @field_validator("name")
@@ -209,23 +255,28 @@ class PodManifest(_Strict):
         return env
 
     @model_validator(mode="after")
-    def _consistent(self) -> PodManifest:
+    def _consistent(self, info: ValidationInfo) -> PodManifest:
         if self.spot and self.bid_per_gpu is None:
             raise _KeyedError(
                 "bidPerGpu", "spot: true needs a bid in $/h per GPU (the console shows the minimum)"
             )
-        if self.allowed_cuda_versions is None and cuda_versions_for(self.image) is None:
+        if (self.min_cuda_version is None and self.allowed_cuda_versions is None
+                and cuda_floor_for(self.image) is None):
             raise _KeyedError(
-                "allowedCudaVersions", f"the image tag names no CUDA version (like cu1281): list "
-                "the host CUDA versions it runs on, e.g. ['12.8', '12.9']"
+                "minCudaVersion", "the image tag names no CUDA version (like cu1281): set the "
+                "host CUDA floor it needs, e.g. minCudaVersion: '12.8'"
             )
-        if (self.terminate_after_hours is not None
-                and self.terminate_after_hours < self.max_runtime_hours):
-            raise _KeyedError("terminateAfterHours", "must not be shorter than maxRuntimeHours")
+        if self.cloud_type == "community":
+            raise _KeyedError(
+                "cloudType", "community cloud cannot mount a network volume (volumeMounts): use "
+                "secure"
+            )
         repo, ref = self.env.get("RUN_REPO", ""), self.env.get("RUN_REF", "")
         if "RUN_REPO" in self.command and not repo:
             raise _KeyedError("env.RUN_REPO", "the command clones $RUN_REPO: set it to your "
                               "podtrain repository (or bake the image: infra/Dockerfile)")
+        if _placeholders_ok(info):
+            return self  # a template (--print-runpodctl): no repository to check yet
         if "YOUR_ORG" in repo:
             raise _KeyedError("env.RUN_REPO", "set your podtrain repository (placeholder "
                               "'YOUR_ORG'): a git URL the pod can clone")
@@ -241,16 +292,24 @@ class PodManifest(_Strict):
         return [self.gpu_type] if isinstance(self.gpu_type, str) else list(self.gpu_type)
 
     @property
-    def cuda_versions(self) -> list[str]:
-        return self.allowed_cuda_versions or cuda_versions_for(self.image) or []
+    def cuda_floor(self) -> str | None:
+        """`gpu.minCudaVersion`: the manifest's, else the image tag's CUDA (None when the user
+        gave only an explicit allowedCudaVersions list)."""
+        if self.min_cuda_version or self.allowed_cuda_versions:
+            return self.min_cuda_version
+        return cuda_floor_for(self.image)
 
-    def pod_env(self) -> dict[str, str]:
-        """The env the pod gets: the manifest's, plus what boot.sh needs from the other keys.
+    def pod_env(self, deadline: int) -> dict[str, str]:
+        """The env the pod gets: the manifest's, plus what boot.sh and `pod reap` need.
 
-        RUN_VOLUME_ID labels the pod with its volume, so a second pod for the same experiment on
-        the same volume can be refused; a spot pod's trainer gets RunPod's real grace window.
+        PODTRAIN_MANAGED=1 marks the pod as podtrain's (the reaper touches no other pod);
+        RUN_DEADLINE is the absolute stop time, Unix seconds UTC; RUN_VOLUME_ID labels the pod
+        with its volume, so a second pod for the same experiment on the same volume can be
+        refused; a spot pod's trainer gets RunPod's real grace window.
         """
         env = dict(self.env)
+        env["PODTRAIN_MANAGED"] = "1"
+        env["RUN_DEADLINE"] = str(deadline)
         env["RUN_VOLUME_ID"] = self.volume_id
         env["BOOT_WATCHDOG_MINUTES"] = f"{self.watchdog_minutes:g}"
         if self.spot:
@@ -277,6 +336,7 @@ class PodManifest(_Strict):
         experiment: str | None = None,
         shard: bool | None = None,
         shard_lines: int | None = None,
+        placeholders_ok: bool = False,
     ) -> PodManifest:
         """Return a copy with the boot knobs overridden, validated like the file itself."""
         env = dict(self.env)
@@ -290,11 +350,12 @@ class PodManifest(_Strict):
                 env[key] = value
         data = self.model_dump(by_alias=True)
         data["env"] = env
-        return _validate(data, "command line")
+        return _validate(data, "command line", placeholders_ok)
 
 
 def _env_path(key: str) -> str:
-    return f"env.{key}" if _ENV_NAME.match(str(key)) else f"env[{key!r}]"
+    key = mask(str(key))
+    return f"env.{key}" if _ENV_NAME.match(key) else f"env[{key!r}]"
 
 
 def is_secret_name(name: str) -> bool:
@@ -322,13 +383,16 @@ def _check_env_item(key: str, value: str) -> None:
             "a secret must be a RunPod secret reference, never a literal: create the secret in the "
             "console (Secrets) and write '{{ RUNPOD_SECRET_<name> }}'",
         )
+    if key in MANAGED_ENV:
+        raise _KeyedError(path, "is set by `orchestrate pod create` itself: remove it (see "
+                          "maxRuntimeHours, watchdogMinutes, volumeMounts)")
     _check_knob(path, key, value)
 
 
 def _check_knob(path: str, key: str, value: str) -> None:
     """The boot knobs fail here, not minutes into a paid boot."""
-    if key == "RUN_SHARD" and value not in ("0", "1"):
-        raise _KeyedError(path, f"must be '0' or '1', not {value!r}")
+    if key == "RUN_SHARD" and value not in ("auto", "0", "1"):
+        raise _KeyedError(path, f"must be 'auto', '0' or '1' (as boot.sh reads it), not {value!r}")
     if key == "SHARD_LINES" and not (value.isdigit() and int(value) > 0):
         raise _KeyedError(path, f"must be a positive integer, not {value!r}")
     if key == "RUN_EXPERIMENT" and not _EXPERIMENT.match(value):
@@ -392,7 +456,12 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
 
 
 def _one_line(error: dict[str, Any]) -> str:
-    """One pydantic error as `key.path: message`; the offending value is never echoed."""
+    """One pydantic error as `key.path: message`; the offending value is never echoed, and a
+    token used as a key is masked."""
+    return mask(_unmasked_line(error))
+
+
+def _unmasked_line(error: dict[str, Any]) -> str:
     cause = (error.get("ctx") or {}).get("error")
     if isinstance(cause, _KeyedError):
         return f"{cause.path}: {cause.message}"
@@ -410,19 +479,27 @@ def _one_line(error: dict[str, Any]) -> str:
     return f"{path}: {message}"
 
 
-def _validate(data: Any, source: str) -> PodManifest:
+def _placeholders_ok(info: ValidationInfo) -> bool:
+    return bool((info.context or {}).get("placeholders_ok"))
+
+
+def _validate(data: Any, source: str, placeholders_ok: bool = False) -> PodManifest:
     if not isinstance(data, dict):
         raise ManifestError(f"{source}: the manifest must be a YAML mapping of keys")
     try:
-        return PodManifest.model_validate(data)
+        return PodManifest.model_validate(data, context={"placeholders_ok": placeholders_ok})
     except ValidationError as exc:
         errors = exc.errors()
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise ManifestError(f"{source}: {_one_line(errors[0])}{more}") from None
 
 
-def load_manifest(path: str | Path) -> PodManifest:
-    """Read and validate a manifest file; every failure is a ManifestError of one line."""
+def load_manifest(path: str | Path, placeholders_ok: bool = False) -> PodManifest:
+    """Read and validate a manifest file; every failure is a ManifestError of one line.
+
+    `placeholders_ok` accepts the shipped template's YOUR_VOLUME_ID and YOUR_ORG (and skips the
+    RUN_REF/RUN_CONFIG checks that need a real repository): for printing, never for creating.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -435,4 +512,4 @@ def load_manifest(path: str | Path) -> PodManifest:
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "not valid YAML"
         raise ManifestError(f"{path}{where}: invalid YAML: {problem}") from None
-    return _validate(data, str(path))
+    return _validate(data, str(path), placeholders_ok)

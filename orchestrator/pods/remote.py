@@ -1,9 +1,10 @@
-"""Reading a running pod's files over SSH: its boot log and the trainer's metrics.
+"""Reading a running pod's files over SSH: the fallback for its boot log, and the trainer's metrics.
 
-Why SSH: RunPod's API has no log endpoint and no released runpodctl has a logs command, but every
-pod with `22/tcp` exposed runs sshd (the image's /start.sh, which boot.sh starts) on a public IP.
-Only direct TCP SSH runs remote commands; RunPod's ssh.runpod.io proxy is interactive only.
-The files live on the volume at the paths boot.sh and the trainer write.
+Why SSH: RunPod's REST v2 serves the container's output (`orchestrate pod logs`), but not files on
+the volume such as runs/<experiment>/checkpoints/metrics.jsonl. Every pod with `22/tcp` exposed
+runs sshd (the image's /start.sh, which boot.sh starts) on a public IP: the pod object's
+`ssh.direct`. Only direct TCP SSH runs remote commands; RunPod's ssh.runpod.io proxy is
+interactive only.
 """
 
 from __future__ import annotations

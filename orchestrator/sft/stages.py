@@ -14,6 +14,7 @@ that starts from the previous stage's ``final`` checkpoint:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from orchestrator.launch import PipelineError, TrainingExit, launch_training, tr
 from orchestrator.sft.cli import sft_dir
 from orchestrator.workspace import Layout
 from training.checkpoint import list_tags
+from training.aliases import canonical_key
 from training.config import (PRETRAIN_SCHEDULE, SFT_STAGES, ConfigError, TrainConfig, canonical_paths, drop_pretraining_schedule,
                              dump_config, load_config, read_config_file, validate_config)
 from training.sft.records import STAGE_FILES
@@ -42,6 +44,7 @@ class StageContext:
 
 PIPELINE_STAGES = ("pretrain", *SFT_STAGES)
 INIT_KEY = "init_from"
+VOCAB_KEY = "model.vocab_size"
 
 
 def parse_stages(spec: str) -> list[str]:
@@ -94,10 +97,48 @@ def sft_stage_inputs(ctx: StageContext, stage: str, previous: dict[str, Any]) ->
             "overrides": common + per_stage[stage]}
 
 
-def stage_config(ctx: StageContext, stage: str, data: Path, chat_dir: Path, chat_vocab: int, start: Path) -> TrainConfig:
+def _sets_vocab(item: str) -> bool:
+    key, _, value = item.partition("=")
+    return VOCAB_KEY in canonical_key(key.strip(), value)[0]
+
+
+def check_sft_inputs(layout: Layout, stages: list[str], overrides: list[str]) -> None:
+    """Before any work: each requested SFT stage's prepared file holds records, and no override sets
+    the vocabulary an SFT stage takes from its chat bundle and start checkpoint.
+
+    A common ``model.vocab_size=N`` is the pretraining model's (the SFT stages then add the chat
+    tokens to it); without a pretrain stage, or as ``<stage>.model.vocab_size``, it can only
+    contradict the checkpoint the stage starts from, which would fail hours later.
+    """
+    sft = [s for s in stages if s != "pretrain"]
+    if not sft:
+        return
+    common, per_stage = split_overrides(overrides)
+    owned = [f"{stage}.{item}" for stage in sft for item in per_stage[stage] if _sets_vocab(item)]
+    if "pretrain" not in stages:
+        owned = [item for item in common if _sets_vocab(item)] + owned
+    if owned:
+        raise PipelineError(f"{owned[0]}: an SFT stage's model.vocab_size is the one its start checkpoint has (the pretrained "
+                            f"model's, grown by the chat tokens); drop the override (a plain model.vocab_size=N with "
+                            f"--stages pretrain,... sizes the pretraining model)")
+    for stage in sft:
+        data = sft_dir(layout) / STAGE_FILES[stage]
+        hint = f"run orchestrate sft prepare --stages {stage} --experiment {layout.experiment} --workspace {layout.root} first"
+        if not data.is_file():
+            raise PipelineError(f"{stage}: {data} missing; {hint}")
+        if not data.stat().st_size:
+            raise PipelineError(f"{stage}: {data} holds no record; {hint}")
+
+
+def _start_vocab(start: Path) -> int:
+    """The vocabulary of the checkpoint a stage starts from (its config, written beside the weights)."""
+    return int(json.loads(Path(f"{start}.config.json").read_text(encoding="utf-8"))["model"]["vocab_size"])
+
+
+def stage_config(ctx: StageContext, stage: str, data: Path, chat_dir: Path, start: Path) -> TrainConfig:
     """The stage's training config: the pipeline's config without its pretraining schedule (lr,
     warmup: the stage takes seed 004's unless ``<stage>.optimizer.lr=...`` gives its own), the
-    stage's data, chat bundle, start checkpoint and folders, then the overrides."""
+    stage's data, chat bundle, start checkpoint (whose vocabulary it takes) and folders, then the overrides."""
     common, per_stage = split_overrides(ctx.overrides)
     pretrain_only = [o for o in common if set(canonical_paths(o)) & set(PRETRAIN_SCHEDULE)]
     for item in pretrain_only:
@@ -110,8 +151,9 @@ def stage_config(ctx: StageContext, stage: str, data: Path, chat_dir: Path, chat
     run = stage_dir(ctx.layout, stage)
     raw.update({"stage": stage, "train_data": str(data), "tokenizer_path": str(chat_dir),
                 "checkpoint_dir": str(run / "checkpoints"), "tensorboard_dir": str(run / "tensorboard"), INIT_KEY: str(start)})
-    raw.setdefault("model", {})["vocab_size"] = max(chat_vocab, int(raw.get("model", {}).get("vocab_size", 0)))
-    return validate_config(raw, str(ctx.config_path), [o for o in common if o not in pretrain_only] + per_stage[stage])
+    raw.setdefault("model", {})["vocab_size"] = _start_vocab(start)  # owned by the stage: check_sft_inputs refused overrides of it
+    overrides = [item for item in common if not _sets_vocab(item) and item not in pretrain_only] + per_stage[stage]
+    return validate_config(raw, str(ctx.config_path), overrides)
 
 
 def run_sft_stage(ctx: StageContext, stage: str, previous_stage: str) -> dict[str, Any]:
@@ -121,9 +163,6 @@ def run_sft_stage(ctx: StageContext, stage: str, previous_stage: str) -> dict[st
 
     L = ctx.layout
     data = sft_dir(L) / STAGE_FILES[stage]
-    if not data.exists():
-        raise PipelineError(f"{stage}: {data} missing; run orchestrate sft prepare --stages {stage} "
-                            f"--experiment {L.experiment} --workspace {L.root} first")
     try:
         chat = write_chat_bundle(L.tokenizer, chat_bundle_dir(L))
     except TemplateError as exc:
@@ -136,7 +175,7 @@ def run_sft_stage(ctx: StageContext, stage: str, previous_stage: str) -> dict[st
     if previous_stage == "pretrain":  # the first SFT stage: rows for the chat tokens
         base_vocab = chat.vocab_size - len(chat.ids)
         start = resize_checkpoint(prev_ckpt, "final", run / "init", chat.vocab_size, base_vocab, sorted(chat.ids.values()))
-    cfg = stage_config(ctx, stage, data, chat.directory, chat.vocab_size, start)
+    cfg = stage_config(ctx, stage, data, chat.directory, start)
     dump_config(cfg, run / "training.yaml")
     code = launch_training(run / "training.yaml", ctx.nproc, ctx.console)
     if code != 0:

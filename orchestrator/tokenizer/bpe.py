@@ -36,6 +36,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from sharder.manifest import ManifestError, load_manifest
 from sharder.textshard import TextShardError, read_documents
 from training.atomic import atomic_write_bytes, atomic_write_json
+from training.heartbeat import Heartbeat
 from training.tokenizer_bundle import (
     EOT_TOKEN, META_FILE, PAD_TOKEN, SPECIAL_TOKENS, TOKENIZER_FILE, TokenizerBundle, TokenizerError, configure_parallelism,
 )
@@ -67,12 +68,11 @@ def prepare_tokenizer(
     A bundle trained on other shards or settings is refused rather than silently reused.
     """
     bundle_dir = Path(bundle_dir)
-    if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
-        raise TokenizerError(f"vocab_size={vocab_size} is too small for a byte-level BPE (at least 259)")
     if tokenizer_json is not None:
         bundle = _import(Path(tokenizer_json), bundle_dir, vocab_size)
         _say(console, f"tokenizer: imported {tokenizer_json} -> {bundle_dir} (vocab {bundle.vocab_size})")
         return bundle, "imported"
+    check_tokenizer_choice(None, vocab_size)
 
     manifest_fp = manifests_fingerprint(text_dirs)
     settings = {
@@ -132,6 +132,7 @@ def sample_documents(text_dirs: list[Path], sample_bytes: int, stats: dict[str, 
     except ManifestError as exc:
         raise TokenizerError(str(exc)) from None
     left = sample_bytes
+    heartbeat = Heartbeat("tokenizer", "bytes sampled")  # boot.sh's watchdog (the merges that follow are not tracked)
     for i, path in enumerate(paths):
         budget = left // (len(paths) - i)
         taken = 0
@@ -146,6 +147,7 @@ def sample_documents(text_dirs: list[Path], sample_bytes: int, stats: dict[str, 
                 batch.append(doc)
                 if len(batch) == _BATCH_DOCS:
                     stats["documents"] += len(batch)
+                    heartbeat.beat(stats["bytes"])
                     yield batch
                     batch = []
         except TextShardError as exc:  # already names the file and line
@@ -154,6 +156,7 @@ def sample_documents(text_dirs: list[Path], sample_bytes: int, stats: dict[str, 
             raise TokenizerError(f"{path}: cannot read text shard: {exc.strerror or exc}") from None
         if batch:
             stats["documents"] += len(batch)
+            heartbeat.beat(stats["bytes"])
             yield batch
         left -= taken
 
@@ -225,8 +228,35 @@ def _sample_progress(console, total: int, stats: dict[str, int]):
         yield tracked
 
 
+def check_tokenizer_choice(tokenizer_json: Path | None, vocab_size: int) -> None:
+    """What :func:`prepare_tokenizer` would refuse, checked without writing anything: orchestrate
+    calls it when it plans, before any stage (a bad --tokenizer-json must not wait for sharding)."""
+    if tokenizer_json is not None:
+        _read_import(Path(tokenizer_json), vocab_size)
+    elif vocab_size < 256 + len(SPECIAL_TOKENS) + 1:  # training one: every byte, the special tokens and a merge
+        raise TokenizerError(f"vocab_size={vocab_size} is too small for a byte-level BPE (at least 259)")
+
+
 def _import(source: Path, bundle_dir: Path, vocab_size: int) -> TokenizerBundle:
     """Copy a tokenizer.json (or a Hugging Face tokenizer directory's) into a bundle."""
+    source, data, ids, eot_id, pad_id = _read_import(source, vocab_size)
+    bundle = TokenizerBundle(
+        directory=bundle_dir,
+        vocab_size=ids,
+        eot_id=eot_id,
+        pad_id=pad_id,
+        fingerprint=hashlib.sha256(data).hexdigest(),
+        manifest_fingerprint=None,
+        origin="imported",
+        settings={"source": str(source.resolve())},
+        library={"tokenizers": tokenizers.__version__},
+    )
+    _write_bundle(bundle, data, training=None)
+    return bundle
+
+
+def _read_import(source: Path, vocab_size: int) -> tuple[Path, bytes, int, int, int]:
+    """(tokenizer.json path, its bytes, id space, end-of-text id, pad id) of an import, validated."""
     config: dict[str, Any] = {}
     if source.is_dir():
         config_path = source / "tokenizer_config.json"
@@ -251,19 +281,7 @@ def _import(source: Path, bundle_dir: Path, vocab_size: int) -> TokenizerBundle:
     eot_id = _special_id(tok, [EOT_TOKEN, _token_name(config.get("eos_token"))], source, "end-of-text")
     pad_name = _token_name(config.get("pad_token"))
     pad_id = _special_id(tok, [PAD_TOKEN, pad_name], source, "pad", default=eot_id)
-    bundle = TokenizerBundle(
-        directory=bundle_dir,
-        vocab_size=ids,
-        eot_id=eot_id,
-        pad_id=pad_id,
-        fingerprint=hashlib.sha256(data).hexdigest(),
-        manifest_fingerprint=None,
-        origin="imported",
-        settings={"source": str(source.resolve())},
-        library={"tokenizers": tokenizers.__version__},
-    )
-    _write_bundle(bundle, data, training=None)
-    return bundle
+    return source, data, ids, eot_id, pad_id
 
 
 def _token_name(entry: Any) -> str | None:

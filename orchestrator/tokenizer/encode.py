@@ -44,6 +44,7 @@ from training.tokenizer_bundle import TokenizerBundle, TokenizerError
 from sharder.manifest import Manifest, ManifestError, load_manifest
 from sharder.textshard import TextShardError, read_documents
 from training.atomic import atomic_write_json, read_versioned_json, remove_stale_temporaries
+from training.heartbeat import Heartbeat
 from training.token_shards import TOKEN_SUFFIX, TokenShardError, TokenShardWriter, dtype_for_vocab, read_header
 
 MANIFEST_NAME = "manifest.json"
@@ -352,9 +353,22 @@ class _Workers:
 
 
 def _worker_main(todo, events, parent_pid: int) -> None:
-    """Encode shards from ``todo`` until a None arrives; report progress, results and errors."""
+    """Encode shards from ``todo`` until a None arrives; report progress, results and errors.
+
+    Once the loop is left, SIGTERM kills again: the parent stops every worker after an error, and a
+    SystemExit raised inside the interpreter's exit handlers (the queue's flush) printed an
+    "Exception ignored in atexit callback" traceback before the error's one line.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us...
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # ...with SIGTERM, which unwinds the shard writer
+    try:
+        _work(todo, events, parent_pid)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _work(todo, events, parent_pid: int) -> None:
+    """The loop of :func:`_worker_main`: one task at a time, the first error reported and the worker done."""
     loaded: dict[tuple[str, str, int], tuple[TokenizerBundle, Callable[[list[str]], list[list[int]]]]] = {}
     while (task := todo.get()) is not None:
         try:
@@ -437,6 +451,7 @@ class _EncodeProgress:
         self.progress = None
         self.tokens = self.bytes = 0
         self.start = time.perf_counter()
+        self.heartbeat = Heartbeat("encode", "bytes")  # boot.sh's watchdog: bytes encoded are progress
 
     def __enter__(self) -> "_EncodeProgress":
         if self.console is not None:
@@ -454,6 +469,7 @@ class _EncodeProgress:
     def advance(self, documents: int, n_bytes: int, tokens: int) -> None:
         self.tokens += tokens
         self.bytes += n_bytes
+        self.heartbeat.beat(self.bytes)
         if self.progress is not None:
             dt = max(time.perf_counter() - self.start, 1e-9)
             rate = f"{self.tokens / dt / 1e6:,.2f} M tok/s  {self.bytes / dt / 1e6:,.1f} MB/s"

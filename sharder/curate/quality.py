@@ -20,16 +20,21 @@ QUALITY_FILTERS = {
 }
 
 
-def quality_steps(config: dict[str, dict[str, Any]]) -> list[Any]:
-    """The datatrove filter steps for ``config`` (name -> options), in the recipe's order."""
+def check_quality_options(config: dict[str, dict[str, Any]]) -> None:
+    """Each filter's options are parameters of its datatrove class; checked without building it."""
     import datatrove.pipeline.filters as filters
 
-    steps = []
     for name, options in config.items():
         cls = getattr(filters, QUALITY_FILTERS[name])
         accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "exclusion_writer"}
         unknown = sorted(set(options) - accepted)
         if unknown:
             raise ShardError(f"data.curate.quality.{name}.{unknown[0]}: unknown option (options: {', '.join(sorted(accepted))})")
-        steps.append(cls(**options))
-    return steps
+
+
+def quality_steps(config: dict[str, dict[str, Any]]) -> list[Any]:
+    """The datatrove filter steps for ``config`` (name -> options), in the recipe's order."""
+    import datatrove.pipeline.filters as filters
+
+    check_quality_options(config)
+    return [getattr(filters, QUALITY_FILTERS[name])(**options) for name, options in config.items()]

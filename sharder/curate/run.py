@@ -229,12 +229,24 @@ def minhash_config(config: Any) -> Any:
                          seed=config.seed, hash_config=HashConfig(precision=64, hash_fc="sha1"))
 
 
+def check_curate(config: CurateConfig) -> None:
+    """The settings that only datatrove or the reference model can judge (a filter's option names, the
+    perplexity checkpoint and tokenizer on disk), checked without doing any work: orchestrate calls
+    this when it plans, so a typo does not wait for the shard stage to finish."""
+    from sharder.curate.perplexity import check_model
+    from sharder.curate.quality import check_quality_options
+
+    if config.perplexity is not None:
+        check_model(config.perplexity)
+    check_quality_options(config.quality)
+
+
 def run_curate(input_dir: Path, output_dir: Path, config: CurateConfig, console: Console | None = None) -> dict[str, Any]:
     """Curate the shards listed in ``input_dir``'s manifest into ``output_dir``; resumable, deterministic.
 
     Returns the summary (documents in and out, removed by each step, seconds, throughput).
     """
-    from sharder.curate.perplexity import PerplexityFilter, PerplexityScorer, check_model, load_scores, threshold
+    from sharder.curate.perplexity import PerplexityFilter, PerplexityScorer, load_scores, threshold
     from sharder.curate.quality import quality_steps
     from sharder.curate.shardio import TextShardReader
 
@@ -245,8 +257,7 @@ def run_curate(input_dir: Path, output_dir: Path, config: CurateConfig, console:
         raise ShardError(f"curate input: {exc}") from None
     if not source.complete:
         raise ShardError(f"curate input {input_dir}: the shard run is not complete; finish it first")
-    if config.perplexity is not None:
-        check_model(config.perplexity)
+    check_curate(config)
     quality = quality_steps(config.quality)
     started = time.monotonic()
     names = [s.name for s in source.shards]

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def gpu_config(corpus, out: Path, **extra):
-    cfg = tiny_config(corpus, out, num_steps=40, eval_every=20, device="cuda", dtype="bfloat16", **extra)
+    cfg = tiny_config(corpus, out, **{"num_steps": 40, "eval_every": 20, "device": "cuda", "dtype": "bfloat16", **extra})
     return validate_config(cfg)
 
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from training.atomic import atomic_path, atomic_write_json
+from training.atomic import atomic_path, atomic_write_json, remove_stale_temporaries
+from training.heartbeat import Heartbeat
 from training.sft.records import STAGE_FILES, STAGE_OF_KIND, STAGES, RecordError, record_kind, to_messages
 from training.sft.sources import SOURCES, Source, find_source, find_source_error, iter_rows
 
@@ -41,14 +42,15 @@ class SourceReport:
     rows: int = 0
     records: int = 0
     malformed: int = 0
-    examples: list[str] = field(default_factory=list)  # "row N: reason" of the first malformed rows
+    examples: list[str] = field(default_factory=list)  # "<where>: reason" of the first malformed rows
     seconds: float = 0.0
     skipped: bool = False  # done by an earlier run with the same inputs
 
-    def bad(self, label: str, row: int, reason: str) -> None:
+    def bad(self, where: str, reason: str) -> None:
+        """Count a malformed row; ``where`` is ``file:line`` (1-based) for a file, ``source row N`` for the hub."""
         self.malformed += 1
         if len(self.examples) < MAX_EXAMPLES_SHOWN:
-            self.examples.append(f"{label} row {row}: {reason}")
+            self.examples.append(f"{where}: {reason}")
 
 
 @dataclass
@@ -125,14 +127,16 @@ def _convert_source(source: Source, opts: PrepareOptions, cap: int | None, part:
     local = opts.local.get(source.name)
     configs = source.configs if local is None else [c for c in source.configs if c in local or (None in local and len(source.configs) == 1)]
     per_config = None if cap is None else math.ceil(cap / max(1, len(configs)))
+    heartbeat = Heartbeat("sft-data", "rows")  # boot.sh's watchdog: a hub stream that stalls is a hang
     with atomic_path(part) as tmp, open(tmp, "w", encoding="utf-8") as fh, _hub_errors(source):
         for label, row, data in iter_rows(source, local, per_config, opts.cache_dir):
             report.rows += 1
+            heartbeat.beat(report.rows)
             try:
                 record = source.convert(data)
                 to_messages(record)  # the converter's output must be a valid canonical record
             except RecordError as exc:
-                report.bad(label, row, str(exc))
+                report.bad(f"{label} row {row}", str(exc))
                 continue
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
             report.records += 1
@@ -152,10 +156,10 @@ def _convert_user_file(path: str, stage: str, part: Path, report: SourceReport) 
                     raise RecordError(f"a {STAGE_OF_KIND[kind]} record in the {stage} file")
                 to_messages(record)
             except json.JSONDecodeError as exc:
-                report.bad(path, row, f"not JSON ({exc.msg})")
+                report.bad(f"{path}:{row}", f"not JSON ({exc.msg})")
                 continue
             except RecordError as exc:
-                report.bad(path, row, str(exc))
+                report.bad(f"{path}:{row}", str(exc))
                 continue
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
             report.records += 1
@@ -181,6 +185,7 @@ def prepare(opts: PrepareOptions, say: Callable[[str], None] = print) -> dict[st
         cap = None if limit is None else math.ceil(limit / inputs)
         parts_dir = opts.out_dir / "parts" / stage
         parts_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(parts_dir)  # a killed run's half-written parts; only whole ones carry a .done.json
         parts = []
         jobs: list[tuple[str, dict[str, Any], Callable[[Path, SourceReport], None]]] = [
             (s.name, {"source": s.name, "local": {str(k): _identity(v) for k, v in (opts.local.get(s.name) or {}).items()},
@@ -197,7 +202,10 @@ def prepare(opts: PrepareOptions, say: Callable[[str], None] = print) -> dict[st
             else:
                 report = SourceReport(name, stage)
                 start = time.monotonic()
-                run(part, report)
+                try:
+                    run(part, report)
+                except (ValueError, OSError) as exc:  # a local file `datasets` cannot parse; names the file
+                    raise PrepareError(str(exc)) from None
                 report.seconds = time.monotonic() - start
                 atomic_write_json(marker, {"fingerprint": fp, "inputs": inputs_fp, "report": report.__dict__})
             cap_note = "" if cap is None else f" (cap {cap})"
@@ -208,6 +216,12 @@ def prepare(opts: PrepareOptions, say: Callable[[str], None] = print) -> dict[st
                 say(f"sft prepare:   malformed: {example}")
             summary["sources"].append(report.__dict__)
             parts.append(part)
+        usable = [r for r in summary["sources"] if r["stage"] == stage]
+        if not any(r["records"] for r in usable):
+            rows = sum(r["rows"] for r in usable)
+            first = next((e for r in usable for e in r["examples"]), None)
+            raise PrepareError(f"--stages {stage}: no usable record in {rows:,} rows of {', '.join(r['source'] for r in usable)}"
+                               + (f" (first: {first})" if first else "") + "; nothing to fine-tune on")
         summary["stages"][stage] = _merge(parts, opts.out_dir / STAGE_FILES[stage], limit)
         s = summary["stages"][stage]
         say(f"sft prepare: {stage}: {s['records']:,} records -> {opts.out_dir / STAGE_FILES[stage]} "

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from training.hub import unreachable_reason
+from training.jsonl import describe_bad_line
 from training.sft.records import RecordError, tool_call_text
 
 Row = dict[str, Any]
@@ -222,6 +224,28 @@ def _local_builder(path: Path) -> str:
     raise ValueError(f"{path}: expected .jsonl, .json or .parquet")
 
 
+def _load_local(path: Path, cache_dir: str | None):
+    """A local stand-in read with the hub's call; a file `datasets` cannot parse is one line naming it
+    (``file:line`` for broken JSON Lines) instead of its DatasetGenerationError traceback."""
+    from datasets import load_dataset
+    from datasets.utils import logging as datasets_logging
+
+    builder = _local_builder(path)
+    verbosity, bars = datasets_logging.get_verbosity(), datasets_logging.is_progress_bar_enabled()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)  # its own "Failed to load JSON" log line and bar would precede ours
+    datasets_logging.disable_progress_bar()
+    try:
+        return load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
+    except Exception as exc:  # datasets wraps the parser's error in DatasetGenerationError
+        located = describe_bad_line([path]) if builder == "json" else None
+        cause = exc.__cause__ or exc
+        raise ValueError(located or f"{path}: cannot read ({' '.join(str(cause).split())[:200]})") from None
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+        if bars:
+            datasets_logging.enable_progress_bar()
+
+
 def iter_rows(source: Source, local: dict[str | None, str] | None = None, limit: int | None = None,
               cache_dir: str | None = None) -> Iterator[tuple[str, int, Row]]:
     """(label, row number, row) of every config of ``source``, up to ``limit`` rows per config.
@@ -237,8 +261,10 @@ def iter_rows(source: Source, local: dict[str | None, str] | None = None, limit:
             path = local.get(config) or (local.get(None) if len(source.configs) == 1 else None)
             if path is None:
                 continue
-            dataset = load_dataset(_local_builder(Path(path)), data_files=str(path), split="train", cache_dir=cache_dir)
+            dataset = _load_local(Path(path), cache_dir)
         else:
+            if (reason := unreachable_reason()) is not None:
+                raise ValueError(f"{source.name}: cannot reach the Hugging Face Hub: {reason}")
             dataset = load_dataset(source.name, config, split=source.split, cache_dir=cache_dir)
         if limit is not None:
             dataset = dataset.select(range(min(limit, len(dataset))))

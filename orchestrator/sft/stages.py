@@ -25,7 +25,6 @@ from orchestrator.launch import PipelineError, TrainingExit, launch_training, tr
 from orchestrator.sft.cli import sft_dir
 from orchestrator.workspace import Layout
 from training.checkpoint import list_tags
-from training.aliases import canonical_key
 from training.config import (PRETRAIN_SCHEDULE, SFT_STAGES, ConfigError, TrainConfig, canonical_paths, drop_pretraining_schedule,
                              dump_config, load_config, read_config_file, validate_config)
 from training.sft.records import STAGE_FILES
@@ -98,8 +97,7 @@ def sft_stage_inputs(ctx: StageContext, stage: str, previous: dict[str, Any]) ->
 
 
 def _sets_vocab(item: str) -> bool:
-    key, _, value = item.partition("=")
-    return VOCAB_KEY in canonical_key(key.strip(), value)[0]
+    return VOCAB_KEY in canonical_paths(item)  # an alias's targets too
 
 
 def check_sft_inputs(layout: Layout, stages: list[str], overrides: list[str]) -> None:

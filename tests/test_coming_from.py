@@ -130,8 +130,8 @@ def _nanogpt_bins(cwd: Path, dataset: str) -> None:
 
 def _run(cwd: Path, command: str, *, before: list[str] = (), after: list[str] = (), env: dict[str, str] | None = None,
          stdin: str | None = None, expect: int = 0) -> subprocess.CompletedProcess:
-    words = command.split()
-    argv = [*PROGRAMS[words[0]], *before, *words[1:], *after]
+    words = _tiny_words(command.split(), list(before), list(after))
+    argv = [*PROGRAMS[words[0]], *words[1:]]
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RUNPOD_"))}
     environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HOME=str(cwd / "home"), WANDB_DIR=str(cwd),
                    OMP_NUM_THREADS="1", **(env or {}))
@@ -139,6 +139,28 @@ def _run(cwd: Path, command: str, *, before: list[str] = (), after: list[str] = 
     assert proc.returncode == expect, f"{' '.join(argv)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
+
+
+def _tiny_words(words: list[str], before: list[str], after: list[str]) -> list[str]:
+    """``before`` + the line + ``after``, where podtrain refuses one key set twice: a ``before`` default the
+    line sets itself is dropped (the line's value stays), an ``after`` item the line sets replaces it in place
+    (``max_iters=100000`` becomes the 2 steps of the tiny form)."""
+    from training.config import canonical_paths
+
+    def paths(item: str) -> set[str]:
+        return set(canonical_paths(item)) if "=" in item and not item.startswith("-") else set()
+
+    line = list(words[1:])
+    set_by_line = set().union(*(paths(w) for w in line)) if line else set()
+    head = [item for item in before if not paths(item) & set_by_line]
+    tail = []
+    for item in after:
+        hits = [i for i, w in enumerate(line) if paths(w) & paths(item)]
+        if hits:
+            line[hits[0]] = item
+        else:
+            tail.append(item)
+    return [words[0], *head, *line, *tail]
 
 
 def _tags(directory: Path) -> set[str]:

@@ -140,6 +140,8 @@ def pipeline(
         pipe = Pipeline(opts, console)
         console.print(f"orchestrate: mode {mode}, experiment {pipe.layout.experiment}, workspace {pipe.layout.root}, "
                       f"config {pipe.config_path}", markup=False)
+        if (note := opts.config_note()) is not None:
+            console.print(f"orchestrate: {note}", markup=False)
         records = pipe.run(dry_run=dry_run)
     except PipelineError as exc:
         print(f"orchestrate: error: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -65,13 +66,43 @@ class PipelineOptions:
     stages: list[str] = field(default_factory=lambda: ["pretrain"])  # --stages: pretrain and/or the SFT stages
 
     def config_path(self) -> Path:
-        raw = Path(self.config or DEFAULT_CONFIG[self.mode])
+        """``--config`` (RUN_CONFIG); without it the config an experiment is named after
+        (``runpod-2b`` -> ``configs/runpod_2b.yaml``) when there is one, else the mode's default."""
+        raw = Path(self.config or _named_config(self.experiment) or DEFAULT_CONFIG[self.mode])
         if not raw.is_absolute() and not raw.exists() and (PROJECT_ROOT / raw).exists():
             return PROJECT_ROOT / raw
         return raw
 
+    def config_note(self) -> str | None:
+        """One line when the experiment's name and the config disagree in size, saying which config runs."""
+        if not self.experiment:
+            return None
+        named, used = _model_size(self.experiment), _model_size(self.config_path().stem)
+        if named is None or used is None or named == used:
+            return None
+        return (f"experiment {self.experiment} is named for a {named} model but config {self.config_path()} ({used}) "
+                f"is the one that runs; pass --config configs/runpod_{named.lower()}.yaml (RUN_CONFIG) for the {named} model")
+
     def experiment_name(self) -> str:
         return self.experiment or self.config_path().stem.replace("_", "-")
+
+
+_RUNPOD_EXPERIMENT = re.compile(r"runpod-\d+b")
+_SIZE = re.compile(r"(?:^|[-_])(\d+(?:\.\d+)?[mb])(?:$|[-_])", re.IGNORECASE)
+
+
+def _model_size(name: str) -> str | None:
+    """``runpod-2b`` / ``runpod_2b`` / ``dense_75m`` -> ``2B`` / ``75M``; None when the name has no size."""
+    match = _SIZE.search(name)
+    return match.group(1).upper() if match else None
+
+
+def _named_config(experiment: str | None) -> str | None:
+    """``configs/runpod_2b.yaml`` for experiment ``runpod-2b``, when that file exists (seed 002's names)."""
+    if not experiment or not _RUNPOD_EXPERIMENT.fullmatch(experiment):
+        return None
+    candidate = Path("configs") / f"{experiment.replace('-', '_')}.yaml"
+    return str(candidate) if candidate.exists() or (PROJECT_ROOT / candidate).exists() else None
 
 
 def _hf_spec(item: str) -> tuple[str, str | None]:

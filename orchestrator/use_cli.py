@@ -1,6 +1,6 @@
 """``orchestrate evaluate|sample|export``: use a trained checkpoint.
 
-    orchestrate evaluate CHECKPOINT [--data PATH...] [--batch-size N --seq-len N --max-batches N]
+    orchestrate evaluate CHECKPOINT|--checkpoint PATH [--data|--processed-dir PATH...] [--batch-size N --seq-len N --max-batches N]
                          [--dataset-limit name=N,...] [--recipe FILE] [--harness TASKS] [--json FILE]
     orchestrate sample   CHECKPOINT --prompt TEXT | --prompt-file FILE [--max-new-tokens --temperature --top-k --top-p --seed]
                          [--chat [--system TEXT]]
@@ -114,8 +114,10 @@ def _eot_id(tok) -> int | None:
 
 @app.command("evaluate")
 def evaluate_cmd(
-    checkpoint: str = typer.Argument(..., help="tag path or checkpoint directory"),
-    data: Optional[List[str]] = typer.Option(None, "--data", help="token shards (dir/glob/.tok) or text/jsonl/parquet files; default: the run's val_data"),
+    checkpoint_arg: Optional[str] = typer.Argument(None, metavar="CHECKPOINT", help="tag path or checkpoint directory"),
+    checkpoint_opt: Optional[str] = typer.Option(None, "--checkpoint", help="the same as CHECKPOINT (seed 004's evaluate_perplexity.py flag)"),
+    data: Optional[List[str]] = typer.Option(None, "--data", "--processed-dir",
+                                             help="token shards (dir/glob/.tok) or text/jsonl/parquet files; default: the run's val_data"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="default: the run's batch_size"),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", min=1, help="default: the run's seq_len"),
     max_batches: Optional[int] = typer.Option(None, "--max-batches", min=1, help="default: the run's eval_steps for shards, all windows for files"),
@@ -136,6 +138,9 @@ def evaluate_cmd(
     from training.precision import resolve_precision
 
     console = _console()
+    if (checkpoint_arg is None) == (checkpoint_opt is None):
+        _fail("evaluate", "give the checkpoint once: as CHECKPOINT or as --checkpoint PATH")
+    checkpoint = checkpoint_arg or checkpoint_opt
     try:
         limits = parse_dataset_limits(dataset_limit) if dataset_limit else {}
         dev = resolve_device(device)

@@ -69,12 +69,12 @@ def trained(byte_corpus, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("spec", ["latest", "nope.safetensors"])
+@pytest.mark.parametrize("spec", ["newest", "nope.safetensors"])  # `latest` is a tag now (seed 004's latest.pt)
 def test_resume_of_no_such_checkpoint_lists_what_exists(trained, spec) -> None:
     result = CliRunner().invoke(train_app, [str(trained), "--resume", spec])
     assert result.exit_code == 2
     ckpt_dir = trained.parent / "ckpt"
-    assert one_line(result.stderr) == (f"train: error: --resume {spec}: no such checkpoint; {ckpt_dir} holds best, final; "
+    assert one_line(result.stderr) == (f"train: error: --resume {spec}: no such checkpoint; {ckpt_dir} holds best, final, latest; "
                                        f"--resume auto takes the newest")
 
 

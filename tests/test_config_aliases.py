@@ -141,4 +141,4 @@ def test_always_save_checkpoint_false_keeps_only_improving_saves(byte_corpus, tm
     result = CliRunner().invoke(app, [str(path), "always_save_checkpoint=False"])
     assert result.exit_code == 0, result.output
     tags = {tag for _, tag in ckpt.list_tags(tmp_path / "ckpt")}
-    assert tags == {"best", "final"}  # no step checkpoints: only the improving evaluations (and the end)
+    assert tags == {"best", "final", "latest"}  # no step checkpoints: only the improving evaluations (and the end)

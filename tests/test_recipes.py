@@ -191,7 +191,9 @@ def test_every_registry_source_loads_its_schema_through_the_hub_code_path(tmp_pa
     assert {name: counts[0] for name, counts in totals.items()} == {n: (2 if n == "wikipedia" else 4) for n in streamable}
     assert docs[0] == "fineweb text 0 " * 3
     questions = [d for d in docs if d.startswith("Q: ")]
-    assert questions[0] == f"Q: {'natural_questions query 0 ' * 3}\nA: {'natural_questions answer 0 ' * 3}"
+    assert f"Q: {'natural_questions query 0 ' * 3}\nA: {'natural_questions answer 0 ' * 3}" in questions
+    assert f"Q: {'stackexchange question 0 ' * 3}\nA: {'stackexchange response_j 0 ' * 3}" in questions  # seed 004's names
+    assert "github code 0 " * 3 in docs
     assert {"openwebtext text 3 " * 3, "bookcorpus text 3 " * 3} <= set(docs)  # through revision + data_dir
 
 

@@ -85,9 +85,11 @@ def test_pretrain_then_instruct_tool_reasoning(tmp_path: Path) -> None:
     after = accuracy(run / "instruct" / "checkpoints", chat, held)
     print(f"held-out greedy accuracy: {before:.0%} before instruct, {after:.0%} after")
     assert before <= 0.1 and after >= 0.8, (before, after)
+    assert yaml.safe_load((run / "instruct" / "training.yaml").read_text())["optimizer"]["lr"] == 1e-2  # its own
     for stage, previous in (("tool", run / "instruct" / "checkpoints" / "final"), ("reasoning", run / "tool" / "checkpoints" / "final")):
         emitted = yaml.safe_load((run / stage / "training.yaml").read_text())
         assert emitted["stage"] == stage and emitted["init_from"] == str(previous)
+        assert emitted["optimizer"]["lr"] == 1e-5  # seed 004's, not the pretraining config's 3e-3 (issue 24)
         assert (run / stage / "checkpoints" / "final.safetensors").exists()
 
     again = Pipeline(opts, Console(file=io.StringIO(), width=200)).run()

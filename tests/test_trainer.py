@@ -54,7 +54,7 @@ def test_checkpoint_files_and_retention(byte_corpus, tmp_path) -> None:
     result = train(validate_config(yaml.safe_load(config_file.read_text())), config_path=config_file)
     d = Path(result.checkpoint_dir)
     tags = {p.name.split(".")[0] for p in d.glob("*.safetensors")}
-    assert tags == {"step0000030", "step0000040", "best", "final"}
+    assert tags == {"step0000030", "step0000040", "best", "final", "latest"}
     for tag in tags:
         assert {f"{tag}{s}" for s in ckpt.SUFFIXES} <= {p.name for p in d.iterdir()}
     assert (d / "run.yaml").read_text() == config_file.read_text()

@@ -87,6 +87,7 @@ ALIASES: dict[str, Alias] = {
     "per_device_train_batch_size": Alias(("batch_size",), origin="transformers"),
     "logging_steps": Alias(("log_every",), origin="transformers"),
     "save_steps": Alias(("save_every",), origin="transformers"),
+    "save_total_limit": Alias(("keep_last_n",), origin="transformers"),
     "dataloader_num_workers": Alias(("num_workers",), origin="transformers"),
     "max_steps": Alias(("num_steps",), origin="transformers"),
 }

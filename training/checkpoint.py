@@ -42,6 +42,8 @@ DCP_SUFFIX = ".dcp"
 SHARDED_META, SHARDED_STATE, SHARDED_CONFIG = "podtrain.json", "state.pt", "config.json"
 DCP_METADATA = ".metadata"  # written by DCP's coordinator once every rank's shard is on disk
 _STEP_TAG = re.compile(r"^step(\d+)$")
+_OTHER_STEP_NAME = re.compile(r"^(?:checkpoint-|step[-_]?)?(\d+)$")  # seed 004's checkpoint-1000, step1000, 1000
+LATEST = "latest"  # every save also links this tag (seed 004's latest.pt)
 
 
 class CheckpointError(RuntimeError):
@@ -54,6 +56,21 @@ class NoSuchCheckpoint(CheckpointError):
 
 def step_tag(step: int) -> str:
     return f"step{step:07d}"
+
+
+def tag_path(spec: str | Path) -> Path:
+    """The tag base path ``spec`` names: a checkpoint file's suffix removed, and other projects'
+    names for a step turned into podtrain's tag: seed 004's ``checkpoint-1000.pt`` and ``latest.pt``,
+    ``step1000``, a bare ``1000`` -> ``step0001000``, ``latest``."""
+    path = Path(spec)
+    for suffix in (*SUFFIXES, DCP_SUFFIX, ".pt"):
+        if path.name.endswith(suffix):
+            path = path.with_name(path.name[: -len(suffix)])
+            break
+    match = _OTHER_STEP_NAME.match(path.name)
+    if match and path.name != step_tag(int(match.group(1))):
+        path = path.with_name(step_tag(int(match.group(1))))
+    return path
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -407,13 +424,13 @@ def find_latest(directory: str | Path, warn: Callable[[str], None]) -> Loaded | 
 
 def resolve_resume(spec: str, checkpoint_dir: str | Path, warn: Callable[[str], None]) -> Loaded | None:
     """``auto`` = newest whole tag in ``checkpoint_dir`` (None when there is none); else a tag path,
-    a directory, or a bare tag name looked up in ``checkpoint_dir`` (``--resume best``)."""
+    a directory, or a bare tag name looked up in ``checkpoint_dir`` (``--resume best``, and in seed
+    004's spelling ``--resume checkpoints/pretrain/checkpoint-1000.pt``, ``latest.pt``; see :func:`tag_path`)."""
     if spec == "auto":
         return find_latest(checkpoint_dir, warn)
     path = Path(spec)
-    for suffix in (*SUFFIXES, DCP_SUFFIX):
-        if path.name.endswith(suffix):
-            path = path.with_name(path.name[: -len(suffix)])
+    if not path.is_dir() or path.name.endswith(DCP_SUFFIX):
+        path = tag_path(spec)  # a file's or sharded folder's suffix, seed 004's checkpoint-1000.pt / latest.pt
     if path.is_dir():
         loaded = find_latest(path, warn)
         if loaded is None:

@@ -70,7 +70,7 @@ class Checkpointer:
 
     def save(self, tags: list[str], step: int, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
              state: dict[str, Any], rng: dict[str, Any], block: bool = False) -> bool:
-        """Write ``tags[0]`` (the rest become links to it); ``block`` waits for the write (final, stop).
+        """Write ``tags[0]`` (the rest, and ``latest``, become links to it); ``block`` waits for the write (final, stop).
 
         Weights holding NaN or inf are never written (a resume from them could only diverge again,
         and ``best`` or ``final`` would name garbage): the previous checkpoints stay as they are, a
@@ -86,7 +86,7 @@ class Checkpointer:
         if self.sharded is not None:
             if "final" not in tags:
                 full = {**state, "rng": self.dist.gather_objects(rng)}
-                self.sharded.save(tags[0], tags[1:], step, net, optimizer, self.tied, full, self.config, block)
+                self.sharded.save(tags[0], [*tags[1:], ckpt.LATEST], step, net, optimizer, self.tied, full, self.config, block)
                 self.save_cost = time.monotonic() - t0 + self.sharded.last_seconds
                 self.last_save = time.monotonic()
                 return True
@@ -98,7 +98,8 @@ class Checkpointer:
         weights = self.dist.model_state(net, self.tied)
         if self.dist.is_main:
             live = ckpt.live_storages(list(net.parameters()), optimizer.state)
-            self.writer.save(ckpt.capture(tags[0], step, weights, full, self.config, live, tags[1:]), block=block)
+            aliases = [*tags[1:], ckpt.LATEST]  # seed 004: the newest save is always there under one name
+            self.writer.save(ckpt.capture(tags[0], step, weights, full, self.config, live, aliases), block=block)
         del full, weights
         self.save_cost = time.monotonic() - t0 + self.writer.last_seconds
         self.last_save = time.monotonic()

@@ -1,5 +1,10 @@
 """``train [CONFIG | --config CONFIG] [key=value ...] [--resume PATH|auto] [--dry-run]``.
 
+Seed 004's ``scripts/pretrain.py`` flags are accepted as aliases: ``--preset NAME`` (the config),
+``--tokenizer``, ``--processed-dir``, ``--output-dir``, ``--run-name``, ``--batch-size``,
+``--grad-accum``, ``--learning-rate``, ``--seq-len``, ``--save-steps``, ``--save-total-limit``,
+``--disable-eval``, ``--active-expert``, ``--expert-checkpoint-dir`` (training/seed004_flags.py).
+
 With no arguments at all, a numbered menu of presets on rank 0 (a terminal, or one line piped on
 stdin); with neither, a clear error instead of waiting for input that never comes (CI, a pod's boot
 script). With ``key=value`` overrides but no config, nanoGPT's ``train.py`` defaults
@@ -155,7 +160,15 @@ def _prepare_preset_data(config: str, console: Console) -> None:
 
 
 def main() -> None:
-    app()
+    """``train``: seed 004's pretrain.py flags are translated first (training/seed004_flags.py)."""
+    from training.seed004_flags import FlagError, translate
+
+    try:
+        args = translate(sys.argv[1:])
+    except FlagError as exc:
+        print(f"train: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USAGE) from None
+    app(args=args, prog_name="train")
 
 
 if __name__ == "__main__":

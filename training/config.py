@@ -33,6 +33,8 @@ class _Strict(BaseModel):
 
 
 class AttentionConfig(_Strict):
+    type: Literal["standard", "complex"] = Field(
+        "standard", description="complex: heads as complex vectors, values rotated by the query-key phase (training/complex_attention.py)")
     n_heads: int = Field(8, ge=1)
     n_kv_heads: int | None = Field(None, ge=1, description="GQA/MQA key-value heads; None = n_heads")
     impl: Literal["auto", "flex", "sdpa"] = Field(
@@ -134,6 +136,14 @@ class OptimizerConfig(_Strict):
     beta2: float = Field(0.95, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    cpu_offload: bool = Field(False, description="AdamW state in host memory: FSDP2's CPUOffloadPolicy under FSDP, "
+                              "else training/host_optimizer.py (adamw only)")
+
+    @model_validator(mode="after")
+    def _offload(self) -> "OptimizerConfig":
+        if self.cpu_offload and self.type != "adamw":
+            raise ValueError(f"cpu_offload: implemented for type adamw, not {self.type}")
+        return self
 
 
 class SchedulerConfig(_Strict):
@@ -165,6 +175,25 @@ class SFTConfig(_Strict):
 SFT_STAGES = ("instruct", "tool", "reasoning")
 SFT_LR = 1e-5  # seed 004's fine-tuning tips: lr 1e-5, warmup 3% of the steps (weight decay 0.1 and clip 1.0 are the defaults)
 SFT_WARMUP_FRACTION = 0.03
+PRETRAIN_SCHEDULE = ("optimizer.lr", "scheduler.warmup_steps")  # a pretraining config's; never an SFT stage's
+
+
+def drop_pretraining_schedule(data: dict[str, Any], source: str, stage: str, notes: list[str]) -> dict[str, Any]:
+    """``data`` without a pretraining config's ``optimizer.lr`` and ``scheduler.warmup_steps``.
+
+    A fine-tuning stage built on a pretraining config (the pipeline's stages, or ``train
+    pretrain.yaml stage=instruct``) would otherwise fine-tune at 6e-4 with 2000 warmup steps;
+    removed, the stage takes seed 004's 1e-5 and 3% unless it is given its own values.
+    """
+    data = dict(data)
+    for path in PRETRAIN_SCHEDULE:
+        section, key = path.split(".")
+        node = data.get(section)
+        if isinstance(node, dict) and key in node:
+            node = data[section] = dict(node)  # the caller's dict stays as it was
+            notes.append(f"{source}: {path}={node.pop(key)} is the pretraining value; stage {stage} uses its own "
+                         f"(default {SFT_LR:g} and {SFT_WARMUP_FRACTION:.0%} warmup; set {stage}.{path}=... or {path}=... in the stage's config)")
+    return data
 
 
 class TrainConfig(_Strict):
@@ -182,6 +211,7 @@ class TrainConfig(_Strict):
     checkpoint_dir: str = "checkpoints"
     save_every: int = Field(1000, ge=1)
     save_every_minutes: float | None = Field(None, gt=0, description="Also checkpoint by wall-clock time")
+    save_every_epoch: bool = Field(False, description="Also checkpoint at the first step after each pass over train_data (seed 004)")
     keep_last_n: int = Field(3, ge=1)
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(500, ge=1)
@@ -371,12 +401,28 @@ def format_validation_error(exc: ValidationError, source: str, overrides: list[s
     return "; ".join(f"{origin}: {text}" for origin, text in parts)
 
 
+def canonical_paths(override: str) -> tuple[str, ...]:
+    """The dotted paths a ``key=value`` override sets (an alias's targets)."""
+    return tuple(_parse_override(override))
+
+
+def _stage_override(overrides: list[str]) -> Any:
+    """The value of a ``stage=...`` override (the last one), or None."""
+    found = None
+    for item in overrides:
+        found = _parse_override(item).get("stage", found)
+    return found
+
+
 def validate_config(data: dict[str, Any], source: str = "<config>", overrides: list[str] | None = None,
                     notes: list[str] | None = None) -> TrainConfig:
     """Rename aliases in ``data``, apply ``overrides``, validate; ``notes`` collects alias moves."""
     notes = notes if notes is not None else []
     try:
         data = rename_aliases(data, source, notes)
+        stage = _stage_override(overrides or [])
+        if stage in SFT_STAGES and data.get("stage", "pretrain") == "pretrain":  # a pretraining file made an SFT stage
+            data = drop_pretraining_schedule(data, source, stage, notes)
         data = apply_overrides(data, overrides or [], notes)
         data = resolve_min_lr(data, OptimizerConfig.model_fields["lr"].default, notes)
     except AliasError as exc:

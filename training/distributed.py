@@ -62,11 +62,18 @@ def resolve_device(spec: str, local_rank: int) -> torch.device:
             spec = "cpu"
     if spec == "cuda":
         spec = f"cuda:{local_rank}"
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"device: {spec!r} is not a device (auto, cpu, cuda, cuda:N or mps)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device: {spec} requested but CUDA is not available")
+            raise ValueError(f"device: {spec} requested but CUDA is not available on this machine (use device=auto or cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {spec} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(device)
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device: {spec} requested but MPS (Apple-silicon GPU) is not available on this machine (use device=auto or cpu)")
     return device
 
 
@@ -107,16 +114,18 @@ class Dist:
         sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters else {"broadcast_buffers": False}
         return DDP(model, device_ids=ids, gradient_as_bucket_view=True, **sync)
 
-    def shard(self, model: nn.Module, param_dtype: torch.dtype | None) -> None:
-        """FSDP2: each block, then the root (embeddings, final norm, head), in place."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    def shard(self, model: nn.Module, param_dtype: torch.dtype | None, cpu_offload: bool = False) -> None:
+        """FSDP2: each block, then the root (embeddings, final norm, head), in place; ``cpu_offload``
+        keeps the sharded parameters, gradients and optimizer state on the host (CPUOffloadPolicy)."""
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         # cast_forward_inputs off: the blocks take the float32 RoPE tables as they are, as under DDP and on
         # one GPU, instead of bf16 copies (x is bf16 already: the embedding's output under bf16 parameters).
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
         for block in model.layers:  # type: ignore[attr-defined]
-            fully_shard(block, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
-        fully_shard(model, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+            fully_shard(block, mp_policy=policy, reshard_after_forward=self.reshard_after_forward, offload_policy=offload)
+        fully_shard(model, mp_policy=policy, reshard_after_forward=self.reshard_after_forward, offload_policy=offload)
 
     @contextlib.contextmanager
     def grad_sync(self, model: nn.Module, enabled: bool) -> Iterator[None]:

@@ -228,6 +228,8 @@ def model_to_hf_config(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
         raise HFError("parallel_layers: true has no Hugging Face Llama/GPT-2 equivalent (attention and MLP in parallel)")
     if cfg.ffn.type == "moe":
         raise HFError("ffn.type: moe has no Hugging Face equivalent in podtrain's export (no Mixtral mapping)")
+    if cfg.attention.type == "complex":
+        raise HFError("attention.type: complex has no Hugging Face equivalent (training/complex_attention.py)")
     common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "dtype": dtype, "use_cache": True}
     if is_gpt2(cfg):
         for ok, option in ((cfg.norm.type == "layernorm", f"norm.type: {cfg.norm.type}"),

@@ -49,9 +49,8 @@ class Source:
 def resolve_source(spec: str, label: str = "init_from") -> Source:
     """Decide what ``spec`` names without reading any weights; ``label`` starts error lines (the key or argument)."""
     path = Path(spec)
-    for suffix in ckpt.SUFFIXES:
-        if path.name.endswith(suffix):
-            path = path.with_name(path.name[: -len(suffix)])
+    if not path.is_dir() or path.name.endswith(ckpt.DCP_SUFFIX):
+        path = ckpt.tag_path(spec)  # ckpt/best.safetensors, a sharded folder, seed 004's ckpt/latest.pt or checkpoint-1000.pt
     sharded = path if path.name.endswith(ckpt.DCP_SUFFIX) else Path(f"{path}{ckpt.DCP_SUFFIX}")
     if sharded.is_dir() and not Path(f"{path}.safetensors").is_file():
         raise InitError(f"{label} {spec}: a sharded (FSDP) tag; turn it into one file first: python -m training.consolidate {sharded}")
@@ -72,7 +71,7 @@ def resolve_source(spec: str, label: str = "init_from") -> Source:
         if not Path(f"{path}.config.json").is_file():
             raise InitError(f"{label} {spec}: {path}.config.json is missing (the model config of that checkpoint)")
         return Source("podtrain", str(path), spec)
-    if spec.startswith((".", "/", "~")) or spec.endswith(ckpt.SUFFIXES) or (path.parent != Path(".") and path.parent.exists()):
+    if spec.startswith((".", "/", "~")) or spec.endswith((*ckpt.SUFFIXES, ".pt")) or (path.parent != Path(".") and path.parent.exists()):
         raise InitError(f"{label} {spec}: no such checkpoint or folder")
     return Source("hf", spec, spec)  # a hub id: transformers reports it when it cannot be fetched
 

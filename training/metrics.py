@@ -103,6 +103,20 @@ def system_telemetry(device: torch.device) -> dict[str, float]:
     return values
 
 
+def _start_wandb(wandb_cfg: dict[str, Any], warn) -> Any:
+    """A W&B run, or None with one warning when W&B cannot start (not logged in, no network): a
+    dashboard is not worth a lost training run, and TensorBoard and metrics.jsonl keep every scalar."""
+    import wandb  # optional dependency: only needed when use_wandb is true
+
+    try:
+        return wandb.init(**wandb_cfg)
+    except (wandb.errors.UsageError, wandb.errors.AuthenticationError, wandb.errors.CommError) as exc:
+        reason = " ".join(str(exc).split())
+        warn(f"use_wandb: W&B did not start ({reason}); continuing without it: scalars go to TensorBoard and "
+             f"metrics.jsonl (run `wandb login` or set WANDB_API_KEY, or WANDB_MODE=offline, to log to W&B)")
+        return None
+
+
 class RunLog:
     """Console lines on rank 0, TensorBoard scalars, and W&B when ``use_wandb`` (imported lazily)."""
 
@@ -118,9 +132,7 @@ class RunLog:
         tensorboard_dir.mkdir(parents=True, exist_ok=True)
         self.tb = SummaryWriter(log_dir=str(tensorboard_dir))
         if wandb_cfg is not None:
-            import wandb  # optional dependency: only needed when use_wandb is true
-
-            self.wandb = wandb.init(**wandb_cfg)
+            self.wandb = _start_wandb(wandb_cfg, self.warn)
 
     def info(self, message: str) -> None:
         if self.enabled:

@@ -16,12 +16,17 @@ from torch.optim.lr_scheduler import LambdaLR
 from training.config import OptimizerConfig, SchedulerConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, device_type: str) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, device_type: str, host_state: bool = False) -> torch.optim.Optimizer:
+    """``host_state``: AdamW with its moments in host memory (``optimizer.cpu_offload`` without FSDP)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    if host_state:
+        from training.host_optimizer import HostAdamW
+
+        return HostAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if cfg.type == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1)
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)

@@ -51,8 +51,12 @@ def build_model(cfg: TrainConfig, dist: Dist, param_dtype: torch.dtype | None) -
         torch._dynamo.utils.counters.clear()  # the compile report counts this model's graphs only
         compile_per_block(model, cfg.compile_backend)
     if dist.strategy == "fsdp":
-        dist.shard(model, param_dtype)
-        model.to_empty(device=dist.device)
+        offload = cfg.optimizer.cpu_offload
+        dist.shard(model, param_dtype, cpu_offload=offload)
+        model.to_empty(device="cpu" if offload else dist.device)  # offloaded shards live on the host (torchtitan's init_device)
+        if offload:  # the rotary tables are read by every forward on the GPU: only they move there
+            for name, buffer in list(model.named_buffers(recurse=False)):
+                setattr(model, name, buffer.to(dist.device))
         if cfg.model.tie_embeddings and model.lm_head.weight is not model.embed_tokens.weight:
             raise RuntimeError("FSDP lost the tie between lm_head and embed_tokens during to_empty")
         model.init_weights(cfg.seed)

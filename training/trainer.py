@@ -192,7 +192,9 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
     _seed_everything(cfg.seed)
     model, net = build_model(cfg, dist, precision.fsdp_param_dtype)
     num_params = count_parameters(build_meta_model(cfg.model))
-    optimizer = build_optimizer(net, cfg.optimizer, dist.device.type)
+    offload = cfg.optimizer.cpu_offload
+    fsdp_offload = offload and dist.strategy == "fsdp"  # FSDP2's CPUOffloadPolicy: parameters and state on the host
+    optimizer = build_optimizer(net, cfg.optimizer, "cpu" if fsdp_offload else dist.device.type, host_state=offload and not fsdp_offload)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.schedule_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision.use_scaler)
     loader, val_batches, streams = dist.agree(lambda: _data(cfg, dist, log.warn))  # one rank's missing data fails all, said once
@@ -266,6 +268,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
         return time.perf_counter() - t0
 
     bad_steps, first_step = 0, True
+    epoch_seen = batches.state_dict().get("epoch", 0)  # save_every_epoch: a checkpoint when this grows
     heartbeat = Heartbeat("train", "steps", enabled=dist.is_main)  # boot.sh's watchdog: a step is progress
     window_start, window_tokens, window_excluded = time.perf_counter(), 0, 0.0
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -339,15 +342,20 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
             timed = cfg.save_every_minutes is not None and time.monotonic() - checkpoints.last_save > 60 * cfg.save_every_minutes
             if step == cfg.num_steps:
                 scan.wait()  # a run never ends "done" on shards holding ids its model cannot embed
-            stopping, timed, bad_ids = dist.any_flag(stop.raised, timed and dist.is_main, scan.failed)
+            epoch = batches.state_dict().get("epoch", 0)
+            stopping, timed, bad_ids, epoch_end = dist.any_flag(stop.raised, timed and dist.is_main, scan.failed,
+                                                                cfg.save_every_epoch and epoch > epoch_seen)
+            epoch_seen = epoch
             if bad_ids:
                 dist.agree(scan.raise_error)
             if stopping:
                 result.exit_code = _stop(stop, dist, checkpoints, cfg, log, step, lambda: save([ckpt.step_tag(step)], True))
                 break
             due: list[str] = []  # tags due at this step: written once, the others linked to it
-            if finite and step < cfg.num_steps and cfg.always_save_checkpoint and (step % cfg.save_every == 0 or timed):
+            if finite and step < cfg.num_steps and (cfg.always_save_checkpoint and (step % cfg.save_every == 0 or timed) or epoch_end):
                 due.append(ckpt.step_tag(step))
+                if epoch_end:
+                    log.info(f"step {step}: epoch {epoch} of train_data begins; checkpoint {ckpt.step_tag(step)} (save_every_epoch)")
             if finite and val_batches is not None and (step % cfg.eval_every == 0 or step == cfg.num_steps):
                 t_eval = time.perf_counter()
                 val = evaluate(net, val_batches(), dist, precision)

@@ -92,12 +92,12 @@ def init_command(
     out: Path = typer.Option(..., "--out", help="writes OUT/tokenizer and OUT/init/final"),
 ) -> None:
     """Chat tokenizer bundle + the checkpoint resized for its tokens: the start of a hand-run SFT stage."""
-    from training.checkpoint import CheckpointError
+    from training.checkpoint import CheckpointError, tag_path
     from training.sft.resize import resize_checkpoint
     from training.sft.template import TemplateError, write_chat_bundle
     from training.tokenizer_bundle import TokenizerError
 
-    directory, tag = (checkpoint, "final") if checkpoint.is_dir() else (checkpoint.parent, checkpoint.name.split(".")[0])
+    directory, tag = (checkpoint, "final") if checkpoint.is_dir() else (checkpoint.parent, tag_path(checkpoint).name)
     try:
         chat = write_chat_bundle(tokenizer, out / "tokenizer")
         start = resize_checkpoint(directory, tag, out / "init", chat.vocab_size, chat.vocab_size - len(chat.ids), sorted(chat.ids.values()))

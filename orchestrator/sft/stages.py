@@ -25,8 +25,8 @@ from orchestrator.launch import PipelineError, TrainingExit, launch_training, tr
 from orchestrator.sft.cli import sft_dir
 from orchestrator.workspace import Layout
 from training.checkpoint import list_tags
-from training.aliases import canonical_key
-from training.config import SFT_STAGES, ConfigError, dump_config, load_config, read_config_file, validate_config
+from training.config import (PRETRAIN_SCHEDULE, SFT_STAGES, ConfigError, TrainConfig, canonical_paths, drop_pretraining_schedule,
+                             dump_config, load_config, read_config_file, validate_config)
 from training.sft.records import STAGE_FILES
 
 
@@ -97,8 +97,7 @@ def sft_stage_inputs(ctx: StageContext, stage: str, previous: dict[str, Any]) ->
 
 
 def _sets_vocab(item: str) -> bool:
-    key, _, value = item.partition("=")
-    return VOCAB_KEY in canonical_key(key.strip(), value)[0]
+    return VOCAB_KEY in canonical_paths(item)  # an alias's targets too
 
 
 def check_sft_inputs(layout: Layout, stages: list[str], overrides: list[str]) -> None:
@@ -134,6 +133,27 @@ def _start_vocab(start: Path) -> int:
     return int(json.loads(Path(f"{start}.config.json").read_text(encoding="utf-8"))["model"]["vocab_size"])
 
 
+def stage_config(ctx: StageContext, stage: str, data: Path, chat_dir: Path, start: Path) -> TrainConfig:
+    """The stage's training config: the pipeline's config without its pretraining schedule (lr,
+    warmup: the stage takes seed 004's unless ``<stage>.optimizer.lr=...`` gives its own), the
+    stage's data, chat bundle, start checkpoint (whose vocabulary it takes) and folders, then the overrides."""
+    common, per_stage = split_overrides(ctx.overrides)
+    pretrain_only = [o for o in common if set(canonical_paths(o)) & set(PRETRAIN_SCHEDULE)]
+    for item in pretrain_only:
+        ctx.console.print(f"[stage] {stage}: {item} applies to pretraining; give the stage its own with {stage}.{item}", markup=False)
+    notes: list[str] = []
+    raw = drop_pretraining_schedule(read_config_file(ctx.config_path), str(ctx.config_path), stage, notes)
+    for note in notes:
+        ctx.console.print(f"[stage] {stage}: {note}", markup=False)
+    raw.pop("val_data", None)
+    run = stage_dir(ctx.layout, stage)
+    raw.update({"stage": stage, "train_data": str(data), "tokenizer_path": str(chat_dir),
+                "checkpoint_dir": str(run / "checkpoints"), "tensorboard_dir": str(run / "tensorboard"), INIT_KEY: str(start)})
+    raw.setdefault("model", {})["vocab_size"] = _start_vocab(start)  # owned by the stage: check_sft_inputs refused overrides of it
+    overrides = [item for item in common if not _sets_vocab(item) and item not in pretrain_only] + per_stage[stage]
+    return validate_config(raw, str(ctx.config_path), overrides)
+
+
 def run_sft_stage(ctx: StageContext, stage: str, previous_stage: str) -> dict[str, Any]:
     """Steps 1-4 above; returns the stage summary (the trainer's last throughput)."""
     from training.sft.resize import resize_checkpoint
@@ -153,14 +173,7 @@ def run_sft_stage(ctx: StageContext, stage: str, previous_stage: str) -> dict[st
     if previous_stage == "pretrain":  # the first SFT stage: rows for the chat tokens
         base_vocab = chat.vocab_size - len(chat.ids)
         start = resize_checkpoint(prev_ckpt, "final", run / "init", chat.vocab_size, base_vocab, sorted(chat.ids.values()))
-    common, per_stage = split_overrides(ctx.overrides)
-    raw = read_config_file(ctx.config_path)
-    raw.pop("val_data", None)
-    raw.update({"stage": stage, "train_data": str(data), "tokenizer_path": str(chat.directory),
-                "checkpoint_dir": str(run / "checkpoints"), "tensorboard_dir": str(run / "tensorboard"), INIT_KEY: str(start)})
-    raw.setdefault("model", {})["vocab_size"] = _start_vocab(start)  # owned by the stage: check_sft_inputs refused overrides of it
-    overrides = [item for item in common if not _sets_vocab(item)] + per_stage[stage]  # a common one sized the pretraining model
-    cfg = validate_config(raw, str(ctx.config_path), overrides)
+    cfg = stage_config(ctx, stage, data, chat.directory, start)
     dump_config(cfg, run / "training.yaml")
     code = launch_training(run / "training.yaml", ctx.nproc, ctx.console)
     if code != 0:

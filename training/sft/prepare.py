@@ -13,6 +13,7 @@ first few per source in the table, all counts in ``report.json``); it never stop
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -20,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from training.atomic import atomic_path, atomic_write_json, remove_stale_temporaries
 from training.heartbeat import Heartbeat
@@ -109,12 +110,25 @@ def _safe(name: str) -> str:
     return name.replace("/", "__")
 
 
+@contextlib.contextmanager
+def _hub_errors(source: Source) -> Iterator[None]:
+    """A hub source that cannot be fetched (offline, no network, not cached) is one line naming it and
+    the ways around it, not ``datasets``' traceback."""
+    try:
+        yield
+    except ConnectionError as exc:
+        offline = "offline" in str(exc).lower() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+        why = "offline mode is on (HF_HUB_OFFLINE=1) and it is not in the Hugging Face cache" if offline else "cannot reach the Hugging Face Hub"
+        raise PrepareError(f"{source.stage} source {source.name}: {why}; run once online, or read local copies "
+                           f"with --source {source.name}=FILE or your own --file {source.stage}=FILE and --no-hub") from None
+
+
 def _convert_source(source: Source, opts: PrepareOptions, cap: int | None, part: Path, report: SourceReport) -> None:
     local = opts.local.get(source.name)
     configs = source.configs if local is None else [c for c in source.configs if c in local or (None in local and len(source.configs) == 1)]
     per_config = None if cap is None else math.ceil(cap / max(1, len(configs)))
     heartbeat = Heartbeat("sft-data", "rows")  # boot.sh's watchdog: a hub stream that stalls is a hang
-    with atomic_path(part) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_path(part) as tmp, open(tmp, "w", encoding="utf-8") as fh, _hub_errors(source):
         for label, row, data in iter_rows(source, local, per_config, opts.cache_dir):
             report.rows += 1
             heartbeat.beat(report.rows)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.attention.flex_attention as torch_flex
 import torch.nn.functional as F
 
+from training import attention as attention_mod
 from training import model as model_mod
 from training.config import ModelConfig
 from training.model import Transformer, attention_impl, document_block_mask
@@ -83,15 +84,15 @@ def test_block_mask_is_built_once_per_forward_and_shared_by_layers(monkeypatch) 
         return real_flex(q, k, v, block_mask=block_mask, **kwargs)
 
     monkeypatch.setattr(model_mod, "create_block_mask", counting_build)
-    monkeypatch.setattr(model_mod, "flex_attention", recording_flex)
-    model_mod._flex.cache_clear()
+    monkeypatch.setattr(attention_mod, "flex_attention", recording_flex)
+    attention_mod._flex.cache_clear()
     try:
         flex, _ = _pair()
         x, _, doc_ids = _packed_batch()
         with torch.no_grad():
             flex.eval()(x, doc_ids=doc_ids)
     finally:
-        model_mod._flex.cache_clear()
+        attention_mod._flex.cache_clear()
     assert len(built) == 1 and len(seen) == 3 and all(m is seen[0] for m in seen)
 
 

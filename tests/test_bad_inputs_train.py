@@ -112,7 +112,8 @@ def test_a_refused_save_keeps_the_previous_checkpoint(byte_corpus, tmp_path) -> 
     saver.wait()
     assert warnings == [f"step 2: the weights hold NaN or inf; best, step0000002 not written, the newest checkpoint "
                         f"{tmp_path / 'ckpt' / 'step0000001'} is kept"]
-    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.safetensors")) == ["step0000001.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.safetensors")) == ["latest.safetensors", "step0000001.safetensors"]
+    assert os.path.samefile(tmp_path / "ckpt" / "latest.safetensors", tmp_path / "ckpt" / "step0000001.safetensors")
     assert (tmp_path / "ckpt" / "step0000001.safetensors").read_bytes() == good
 
 

@@ -12,7 +12,7 @@ import textwrap
 
 _PROBE = textwrap.dedent("""
     import json, os, torch
-    import training.model as model_module
+    import training.attention as attention_module
     from training.config import TrainConfig
     from training.distributed import setup
     from training.parallelize import build_model
@@ -22,11 +22,11 @@ _PROBE = textwrap.dedent("""
     dist = setup(cfg.distributed, "cpu")
     model, net = build_model(cfg, dist, torch.bfloat16)
     seen = []
-    original = model_module.apply_rope
+    original = attention_module.apply_rope
     def spy(x, cos, sin):
         seen.append([str(x.dtype), str(cos.dtype)])
         return original(x, cos, sin)
-    model_module.apply_rope = spy
+    attention_module.apply_rope = spy
     idx = torch.randint(0, 97, (2, 16))
     net(idx, idx)[1].backward()
     print("PROBE " + json.dumps({"rope": seen, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}))

@@ -74,7 +74,7 @@ def test_an_fsdp_tag_is_a_dcp_folder_and_final_the_single_file(one_rank_fsdp) ->
     # best was a DCP folder at step 3 (linked to step 3); at step 6 it became a link to the single-file final
     assert os.path.samefile(directory / "best.safetensors", directory / "final.safetensors")
     assert not (directory / "best.dcp").exists()
-    assert ckpt.list_tags(directory) == [(6, "best"), (6, "final"), (3, "step0000003")]
+    assert ckpt.list_tags(directory) == [(6, "best"), (6, "final"), (6, "latest"), (3, "step0000003")]
     assert not [p for p in directory.iterdir() if p.name.startswith(".tmp-")]
 
 
@@ -191,7 +191,7 @@ def test_export_or_init_from_a_sharded_tag_says_to_consolidate(one_rank_fsdp, tm
             find_checkpoint(spec)  # orchestrate evaluate, sample and export start here
         with pytest.raises(InitError, match=f"init_from {spec}: {hint}"):
             resolve_source(spec)
-    running = shutil.copytree(one_rank_fsdp / "ckpt", tmp_path / "ckpt", ignore=shutil.ignore_patterns("final.*", "best.*"))
+    running = shutil.copytree(one_rank_fsdp / "ckpt", tmp_path / "ckpt", ignore=shutil.ignore_patterns("final.*", "best.*", "latest.*"))
     with pytest.raises(InitError, match="the newest tag is sharded"):
         resolve_source(str(running))  # a directory whose newest tag is sharded: never an older one silently
 

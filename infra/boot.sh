@@ -54,7 +54,7 @@
 # secret exists; such variables are unset here (one warning line), so e.g. a literal HF_TOKEN
 # never turns public downloads into 401s.
 #
-# Knobs: RUN_SHARD (auto) RUN_EXPERIMENT (runpod-1b) RUN_CONFIG (configs/runpod_1b.yaml)
+# Knobs: RUN_SHARD (auto) RUN_EXPERIMENT (runpod-1b) RUN_CONFIG (configs/runpod_Nb.yaml for runpod-Nb, else runpod_1b)
 # RUN_STAGES (pretrain) SHARD_LINES (250000) RUN_INPUT (local corpus for the sharder; default: the
 # FineWeb hub dataset RUN_FINEWEB_NAME, sample-10BT) RUN_PREEMPTION_GRACE_S RUN_DEADLINE
 # RUN_HEARTBEAT PODTRAIN_WORKSPACE (/workspace) PODTRAIN_PROJECT (/workspace/transformer)
@@ -69,7 +69,14 @@ PROJECT="${PODTRAIN_PROJECT:-/workspace/transformer}"
 RUN_SHARD="${RUN_SHARD:-auto}"
 RUN_STAGES="${RUN_STAGES:-pretrain}"
 RUN_EXPERIMENT="${RUN_EXPERIMENT:-runpod-1b}"
-RUN_CONFIG="${RUN_CONFIG:-configs/runpod_1b.yaml}"
+# RUN_EXPERIMENT=runpod-2b alone means configs/runpod_2b.yaml, as `orchestrate --experiment runpod-2b` does
+# (issue 24: the 1B model never trains under a 2B name); any other name keeps the 1B default.
+case "$RUN_EXPERIMENT" in
+  runpod-[0-9]*b) sized="configs/runpod_${RUN_EXPERIMENT#runpod-}.yaml"
+                  [ -f "$PROJECT/$sized" ] || sized="configs/runpod_1b.yaml" ;;
+  *) sized="configs/runpod_1b.yaml" ;;
+esac
+RUN_CONFIG="${RUN_CONFIG:-$sized}"
 SHARD_LINES="${SHARD_LINES:-250000}"
 BOOT_HALT="${BOOT_HALT:-stop}"
 BOOT_WATCHDOG_MINUTES="${BOOT_WATCHDOG_MINUTES:-30}"

@@ -634,3 +634,19 @@ def test_outside_runpod_the_deadline_ends_the_boot_as_a_stop_would(pod: dict) ->
     assert proc.returncode == 143, out
     assert "deadline: no RUNPOD_POD_ID: ending the boot (SIGTERM) instead" in out
     assert not (pod["run_dir"] / "BOOT_FAILED").exists()  # time is up: not a failure
+
+
+@pytest.mark.parametrize("experiment, expected", [("runpod-2b", "configs/runpod_2b.yaml"),
+                                                  ("runpod-8b", "configs/runpod_1b.yaml"),  # no such config
+                                                  ("my-run", "configs/runpod_1b.yaml")])
+def test_run_experiment_alone_picks_the_config_of_its_size(pod: dict, experiment: str, expected: str) -> None:
+    """RUN_EXPERIMENT=runpod-2b without RUN_CONFIG trains configs/runpod_2b.yaml, never the 1B model under a 2B name."""
+    configs = Path(pod["env"]["PODTRAIN_PROJECT"]) / "configs"
+    for name in ("runpod_1b.yaml", "runpod_2b.yaml"):
+        (configs / name).write_text("num_steps: 2\n")
+    env = {k: v for k, v in pod["env"].items() if k != "RUN_CONFIG"}
+    result = subprocess.run(["bash", str(BOOT)], env={**env, "RUN_EXPERIMENT": experiment}, capture_output=True,
+                            text=True, timeout=60, cwd=pod["tmp"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = [c for c in _calls(pod) if c.startswith("orchestrate")]
+    assert runs and all(f"--config {expected} " in c for c in runs)

@@ -12,8 +12,7 @@ The table is parsed here, so the doc and the test cannot drift: a row's podtrain
 - the hub offline: a hub-reading line gets a local source (``--input``, ``--file``), and RunPod is
   the fake API of tests/fake_runpod.py.
 
-Rows without a podtrain command are in NOT_RUN with the reason; rows needing another branch's
-features would be in NEEDS_OTHER_BRANCH (empty: i24a is merged).
+Rows without a podtrain command are in NOT_RUN with the reason.
 """
 
 from __future__ import annotations
@@ -45,10 +44,10 @@ NOT_RUN = {
     "004-1": "installs packages (make test does it)",
     "004-2": "no command needed: podtrain makes its folders",
 }
-NEEDS_OTHER_BRANCH: dict[str, str] = {}  # i24a's features (text into train, nanoGPT defaults, --config) are merged
 # torchrun with two ranks; the whole pipeline; three stages in a row; the SFT chain's later stages (004-10 runs its
-# first); nanoGPT's 6 x 384 model on GPT-2's vocabulary. `pytest -m slow tests/test_coming_from.py` runs them.
-SLOW = {"000-1", "002-6", "004-14", "004-11", "004-12", "001-3"}
+# first, and 004-6 the seed's pretraining line at seq_len 4096); nanoGPT's 6 x 384 model on GPT-2's vocabulary.
+# `pytest -m slow tests/test_coming_from.py` runs them.
+SLOW = {"000-1", "002-6", "004-6", "004-14", "004-11", "004-12", "001-3"}
 
 PROGRAMS = {
     "train": [sys.executable, "-m", "training"],
@@ -88,7 +87,6 @@ def test_the_table_lists_every_seed_line_and_the_lists_here_match_it() -> None:
         for row_id, seed_line, _ in rows:
             assert " ".join(seed_line.split()) in text, row_id
     assert {r for r, commands in ROWS.items() if not commands} <= set(NOT_RUN) <= set(ROWS)
-    assert not set(NEEDS_OTHER_BRANCH) & set(NOT_RUN) and set(NEEDS_OTHER_BRANCH) <= set(ROWS)
 
 
 # -- what the lines read -----------------------------------------------------------------------------------------------
@@ -207,7 +205,7 @@ def _sft_files(cwd: Path) -> list[str]:
 def _params() -> list:
     params = []
     for row_id in ROWS:
-        if row_id in NOT_RUN or row_id in NEEDS_OTHER_BRANCH:
+        if row_id in NOT_RUN:
             continue
         marks = [pytest.mark.slow] if row_id in SLOW else []
         params.append(pytest.param(row_id, marks=marks, id=row_id))

@@ -91,6 +91,7 @@ def test_sharded_build_save_and_resume_cost_a_shard_of_host_ram(tmp_path) -> Non
     assert rank0["restored_step"] == rank1["restored_step"] == 1
 
 
+@pytest.mark.slow  # a 12 s/file save against a 10 s collective timeout: 30 s
 def test_a_slow_save_does_not_break_the_group(byte_corpus, tmp_path) -> None:
     """Rank 0 takes 12 s per weights file while the group's collective timeout is 10 s."""
     cfg = tiny_config(byte_corpus, tmp_path, num_steps=4, save_every=2, eval_every=100, batch_size=4)

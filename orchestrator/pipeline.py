@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from orchestrator.tokenizer.encode import EncodeError, encode_shards
+from orchestrator.experiment_config import PROJECT_ROOT, model_size, named_config
 from orchestrator.launch import PipelineError, TrainingExit, launch_training, training_summary
 from orchestrator.lock import ExperimentLock, LockHeld
 from orchestrator.sft.stages import (
@@ -35,7 +35,6 @@ from training.config import ConfigError, TrainConfig, dump_config, load_config, 
 from training.token_shards import TOKEN_SUFFIX, TokenShardError, read_header
 from training.tokenizer_bundle import META_FILE, TOKENIZER_FILE, TokenizerBundle, TokenizerError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = {"cloud": "configs/runpod_1b.yaml", "local": "configs/m3_medium.yaml"}
 LOCK_FILE = ".orchestrate.lock"
 
@@ -68,7 +67,7 @@ class PipelineOptions:
     def config_path(self) -> Path:
         """``--config`` (RUN_CONFIG); without it the config an experiment is named after
         (``runpod-2b`` -> ``configs/runpod_2b.yaml``) when there is one, else the mode's default."""
-        raw = Path(self.config or _named_config(self.experiment) or DEFAULT_CONFIG[self.mode])
+        raw = Path(self.config or named_config(self.experiment) or DEFAULT_CONFIG[self.mode])
         if not raw.is_absolute() and not raw.exists() and (PROJECT_ROOT / raw).exists():
             return PROJECT_ROOT / raw
         return raw
@@ -77,7 +76,7 @@ class PipelineOptions:
         """One line when the experiment's name and the config disagree in size, saying which config runs."""
         if not self.experiment:
             return None
-        named, used = _model_size(self.experiment), _model_size(self.config_path().stem)
+        named, used = model_size(self.experiment), model_size(self.config_path().stem)
         if named is None or used is None or named == used:
             return None
         return (f"experiment {self.experiment} is named for a {named} model but config {self.config_path()} ({used}) "
@@ -85,24 +84,6 @@ class PipelineOptions:
 
     def experiment_name(self) -> str:
         return self.experiment or self.config_path().stem.replace("_", "-")
-
-
-_RUNPOD_EXPERIMENT = re.compile(r"runpod-\d+b")
-_SIZE = re.compile(r"(?:^|[-_])(\d+(?:\.\d+)?[mb])(?:$|[-_])", re.IGNORECASE)
-
-
-def _model_size(name: str) -> str | None:
-    """``runpod-2b`` / ``runpod_2b`` / ``dense_75m`` -> ``2B`` / ``75M``; None when the name has no size."""
-    match = _SIZE.search(name)
-    return match.group(1).upper() if match else None
-
-
-def _named_config(experiment: str | None) -> str | None:
-    """``configs/runpod_2b.yaml`` for experiment ``runpod-2b``, when that file exists (seed 002's names)."""
-    if not experiment or not _RUNPOD_EXPERIMENT.fullmatch(experiment):
-        return None
-    candidate = Path("configs") / f"{experiment.replace('-', '_')}.yaml"
-    return str(candidate) if candidate.exists() or (PROJECT_ROOT / candidate).exists() else None
 
 
 def _hf_spec(item: str) -> tuple[str, str | None]:

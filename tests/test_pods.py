@@ -342,6 +342,18 @@ def test_a_second_pod_for_a_running_experiment_is_refused(api: FakeRunPod,
     assert len(api.find("createPod")) == 2
 
 
+def test_an_experiment_named_for_a_size_takes_that_config(api: FakeRunPod, tmp_path: Path) -> None:
+    """`--experiment runpod-2b` without `--config` trains the 2B config in the pod, not the manifest's 1B (issue 24)."""
+    path = _manifest(tmp_path)
+    assert _run("create", "-f", str(path), "--experiment", "runpod-2b").returncode == 0
+    assert _run("create", "-f", str(path), "--experiment", "runpod-4b", "--config", "configs/runpod_1b.yaml",
+                "--force").returncode == 0
+    assert _run("create", "-f", str(path), "--experiment", "mine", "--force").returncode == 0
+    envs = [r.body["env"] for r in api.find("createPod")]
+    assert [(e["RUN_EXPERIMENT"], e["RUN_CONFIG"]) for e in envs] == [
+        ("runpod-2b", "configs/runpod_2b.yaml"), ("runpod-4b", "configs/runpod_1b.yaml"), ("mine", "configs/runpod_1b.yaml")]
+
+
 # -- spot: the legacy GraphQL path -------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from orchestrator.experiment_config import named_config
 from orchestrator.pods.gitref import GitRefError, files_at_ref
 
 #: The mount point every path in configs/ and infra/boot.sh assumes.
@@ -338,8 +339,14 @@ class PodManifest(_Strict):
         shard_lines: int | None = None,
         placeholders_ok: bool = False,
     ) -> PodManifest:
-        """Return a copy with the boot knobs overridden, validated like the file itself."""
+        """Return a copy with the boot knobs overridden, validated like the file itself.
+
+        ``--experiment runpod-2b`` without ``--config`` also sets RUN_CONFIG to configs/runpod_2b.yaml
+        when the project has it, as ``orchestrate --experiment`` does.
+        """
         env = dict(self.env)
+        if experiment is not None and config is None:
+            config = named_config(experiment)
         for key, value in (
             ("RUN_CONFIG", config),
             ("RUN_EXPERIMENT", experiment),

@@ -69,6 +69,7 @@ def test_two_ranks_match_one_process(byte_corpus, tmp_path, reference, strategy)
     assert_close(losses(tmp_path), reference, range(1, 7))
 
 
+@pytest.mark.slow  # two torchrun launches each (~9 s); make test keeps the one-launch 2-rank checks
 @pytest.mark.parametrize("first, second", [("fsdp", "none"), ("none", "ddp")])
 def test_checkpoint_resumes_on_another_world_size(byte_corpus, tmp_path, reference, first, second) -> None:
     launch(write_config(byte_corpus, tmp_path, first), first)
@@ -77,6 +78,7 @@ def test_checkpoint_resumes_on_another_world_size(byte_corpus, tmp_path, referen
     assert_close(losses(tmp_path), reference, range(1, 10))
 
 
+@pytest.mark.slow  # ~10 s; one process's SIGTERM resume (test_trainer) and the 2-rank one between micro-batches (test_parallelize) stay in make test
 def test_sigterm_mid_run_then_resume_follows_the_same_curve(byte_corpus, tmp_path, reference) -> None:
     config = write_config(byte_corpus, tmp_path, "ddp", num_steps=400, save_every=1000, eval_every=1000)
     proc = subprocess.Popen([*TORCHRUN, "-m", "training", str(config)], cwd=tmp_path, env=ENV,

@@ -2,17 +2,17 @@
 with accumulation 4 on masked targets whose valid counts differ per micro-batch and rank, spied on
 where the gradients are reduced (FSDP2's ``FSDPParamGroup.post_backward`` and ``foreach_reduce``, a
 DDP communication hook), then compared with accumulation 1 over the same rows (a 4x micro-batch) and
-with one process over every rank's tokens. Prints one ``PROBE`` JSON line per rank."""
+with one process over every rank's tokens. Each rank writes ``reports/rank<N>.json`` under the working directory."""
 
 from __future__ import annotations
 
-import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
 
-from training.config import DistributedConfig, TrainConfig
+from training.config import TrainConfig
 from training.distributed import Dist, setup
 from training.loss import IGNORE_INDEX
 from training.optim import build_optimizer
@@ -20,6 +20,8 @@ from training.parallelize import build_model
 from training.precision import resolve_precision
 from training.preemption import MicroStepAgreement, StopFlag
 from training.trainer import train_step
+
+from rank_reports import write_report
 
 ACCUM, BATCH, SEQ, VOCAB = 4, 2, 16, 97
 
@@ -126,7 +128,7 @@ def main(strategy: str, fsdp_no_sync: bool) -> None:
     report = {"rank": dist.rank, "pattern": pattern, "loss_accum4": loss4, "loss_accum1": loss1, "loss_single": float(ref_loss),
               "grad_diff_accum4_vs_accum1": max_diff(grads4, grads1), "grad_diff_vs_single": max_diff(grads4, ref),
               "valid_per_micro": (y[dist.rank] != IGNORE_INDEX).sum(dim=(1, 2)).tolist()}
-    print("PROBE " + json.dumps(report), flush=True)
+    write_report(Path("reports"), dist.rank, report)
     if tdist.is_initialized():
         tdist.barrier()
         tdist.destroy_process_group()

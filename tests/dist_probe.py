@@ -1,12 +1,14 @@
 """Run under torchrun by tests/test_parallelize.py: peak host RSS (VmHWM, reset through
 /proc/self/clear_refs) of each rank while the model is built, while a checkpoint is saved and while
-it is restored, through the same functions the trainer calls. Prints one JSON line per rank."""
+it is restored, through the same functions the trainer calls. Each rank writes its report to
+``reports/rank<N>.json`` under the working directory."""
 
 from __future__ import annotations
 
 import json
 import re
 import sys
+from pathlib import Path
 
 import torch
 
@@ -15,6 +17,8 @@ from training.config import validate_config
 from training.distributed import setup
 from training.optim import build_optimizer
 from training.parallelize import build_model
+
+from rank_reports import write_report
 
 
 def peak_mb() -> float:
@@ -53,7 +57,7 @@ def main(config_path: str) -> None:
     restored = checkpoints.restore("auto", net, optimizer)
     report["restore_mb"] = peak_mb() - before
     report["restored_step"] = restored.step if restored else None
-    print("PROBE " + json.dumps(report), flush=True)
+    write_report(Path("reports"), dist.rank, report)
     dist.shutdown()
 
 

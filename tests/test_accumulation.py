@@ -4,13 +4,14 @@ those of one process over the same tokens, per valid token, whatever the masks d
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from rank_reports import read_reports
 
 TESTS = Path(__file__).resolve().parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -21,8 +22,7 @@ def probe(tmp_path: Path, strategy: str, mode: str = "") -> list[dict]:
     proc = subprocess.run([*TORCHRUN, str(TESTS / "accum_probe.py"), strategy, mode], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    rows = [json.loads(line.split("PROBE ", 1)[1]) for line in proc.stdout.splitlines() if "PROBE " in line]
-    return sorted(rows, key=lambda r: r["rank"])
+    return read_reports(tmp_path / "reports", 2)
 
 
 def assert_same_as_one_process(rows: list[dict]) -> None:

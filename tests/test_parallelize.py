@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from conftest import tiny_config
+from rank_reports import read_reports
 from training.config import validate_config
 from training.trainer import train
 
@@ -71,7 +72,7 @@ def probe(tmp_path: Path) -> list[dict]:
     path.write_text(json.dumps(cfg))
     proc = run([*TORCHRUN, str(TESTS / "dist_probe.py"), str(path)], tmp_path, {**ENV, "PYTHONPATH": os.pathsep.join(sys.path)}, 600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return sorted((json.loads(l.split("PROBE ", 1)[1]) for l in proc.stdout.splitlines() if "PROBE " in l), key=lambda r: r["rank"])
+    return read_reports(tmp_path / "reports", 2)
 
 
 @pytest.mark.slow

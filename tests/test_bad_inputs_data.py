@@ -5,6 +5,7 @@ plans the run, before any work (no ``datasets`` folder is created). Helpers: tes
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -132,18 +133,65 @@ def test_tokenizer_json_larger_than_the_model_vocabulary_is_refused_before_any_w
                                        f"vocab_size=256 (model.vocab_size of {config})")
     assert not (tmp_path / "ws" / "datasets").exists()
 
+# A proxy in the caller's environment (CI may set one) would make the hub check stand aside.
+PROXY_KEYS = [k for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy") for k in (name, name.upper())]
+
 
 # 9. a hub dataset when the hub's host does not resolve: one line at once, no retry lines -----------------
 def test_unresolvable_hub_is_one_line_without_retries(tmp_path) -> None:
     env = {**ENV, "HF_ENDPOINT": "http://nonexistent.invalid", "HF_HOME": str(tmp_path / "hf")}
-    env.pop("HF_HUB_OFFLINE", None)
-    env.pop("HF_DATASETS_OFFLINE", None)
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", *PROXY_KEYS):
+        env.pop(key, None)
     proc = subprocess.run([sys.executable, "-m", "orchestrator", "--input", "hf:nosuch/thing", "--experiment", "e",
                            "--workspace", str(tmp_path / "ws")], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert one_line(proc.stderr) == ("orchestrate: error: stage shard failed: --input hf:nosuch/thing: cannot reach the "
                                      "Hugging Face Hub: nonexistent.invalid does not resolve (Name or service not known); "
                                      "is the network up? (HF_HUB_OFFLINE=1 reads the local cache only)")
+
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on: bound by us, then released."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_hub_that_refuses_connections_is_one_line_without_retries(tmp_path) -> None:
+    """The host resolves but nothing answers (a firewall, a mistyped HF_ENDPOINT port): one line naming
+    the source, not huggingface_hub's five retry lines over ~25 s. Through `sft prepare`, whose hub
+    sources take the same check as the sharder's."""
+    port = closed_port()
+    env = {**ENV, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf")}
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", *PROXY_KEYS):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "sft", "prepare", "--stages", "instruct", "--instruct-limit", "2",
+                           "--workspace", str(tmp_path / "ws")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert one_line(proc.stderr) == (f"orchestrate sft: error: yahma/alpaca-cleaned: cannot reach the Hugging Face Hub: "
+                                     f"127.0.0.1:{port} does not accept connections (Connection refused); is the network "
+                                     f"up? (HF_HUB_OFFLINE=1 reads the local cache only)")
+    assert "Retry" not in proc.stdout + proc.stderr
+
+
+def test_behind_a_proxy_the_hub_check_stands_aside(monkeypatch) -> None:
+    """With a proxy for the endpoint's scheme, a direct connection says nothing about the Hub: the
+    request (through the proxy) decides. NO_PROXY for the host brings the direct check back."""
+    from huggingface_hub import constants
+
+    from training.hub import unreachable_reason
+
+    port = closed_port()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    for key in PROXY_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    assert "does not accept connections" in unreachable_reason()
+    monkeypatch.setenv("http_proxy", "http://proxy.example:3128")
+    assert unreachable_reason() is None
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    assert "does not accept connections" in unreachable_reason()
 
 
 # 10. an encode worker stopped after its error: no "Exception ignored in atexit callback" traceback ------

@@ -150,3 +150,24 @@ def test_the_trainer_runs_the_micro_batch_auto_chose(byte_corpus, tmp_path) -> N
     log = out.getvalue()
     assert "auto_micro_batch: micro-batch 4 x 4 accumulation" in log and "planned peak" in log
     assert "global batch: 4 x 4 accumulation x 1 ranks = 16 sequences" in log
+
+
+def test_dry_run_shows_the_micro_batch_auto_would_choose() -> None:
+    """`train --dry-run` prints the choice the run will make (before a pod is paid for), and with no
+    budget to plan against off a GPU it stops on the line the run would stop on."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    config = str(PROJECT_ROOT / "configs" / "runpod_1b.yaml")
+    peaks = {b: plan(_preset("runpod_1b", f"batch_size={b}"), 1).peak_bytes for b in (4, 8)}
+    budget = (peaks[4] + peaks[8]) / 2e9
+    result = CliRunner().invoke(app, [config, "batch_size=8", "gradient_accumulation_steps=2", "auto_micro_batch=true",
+                                      f"memory_budget_gb={budget}", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert f"auto_micro_batch: micro-batch 4 x 4 accumulation (budget {budget:.1f} GB) | planned peak {peaks[4] / 1e9:.1f} GB" in result.output
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(app, [config, "auto_micro_batch=true", "--dry-run"])
+        assert result.exit_code == 2
+        assert result.output.strip().splitlines()[-1] == ("train: error: auto_micro_batch: set memory_budget_gb "
+                                                         "(no GPU memory size to plan against on cpu)")

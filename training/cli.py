@@ -127,11 +127,18 @@ def main_command(
         console.print(yaml.safe_dump(cfg.to_plain(), sort_keys=False).rstrip(), markup=False)
         console.print(describe(cfg), markup=False)
     if dry_run:
-        from training.memory_plan import format_plan, plan
+        import torch
+
+        from training.memory_plan import plan_line
 
         world = int(os.environ.get("WORLD_SIZE", 1)) if "LOCAL_RANK" in os.environ else 1
+        device = torch.device("cuda" if cfg.device.startswith(("auto", "cuda")) and torch.cuda.is_available() else "cpu")
+        try:
+            _, line = plan_line(cfg, world, None, device)
+        except ValueError as exc:  # auto_micro_batch with no budget: the run would stop on the same line
+            _fail(str(exc), EXIT_USAGE)
         if is_main:
-            console.print(format_plan(plan(cfg, world)), markup=False)
+            console.print(line, markup=False)
         return
     from training.trainer import train
 

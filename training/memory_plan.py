@@ -296,3 +296,15 @@ def choose_micro_batch(cfg: TrainConfig, world: int, strategy: str, budget: int)
         raise ValueError(f"auto_micro_batch: even micro-batch 1 plans {smallest.peak_bytes / 1e9:.1f} GB per GPU, over the "
                          f"{budget / 1e9:.1f} GB budget (activation_checkpointing, more ranks under fsdp, or memory_budget_gb)")
     return trial(best[0]), best[1]
+
+
+def plan_line(cfg: TrainConfig, world: int, strategy: str | None, device: torch.device) -> tuple[TrainConfig, str]:
+    """``cfg`` as it will run (with ``auto_micro_batch``, the chosen micro-batch) and the plan on one
+    line. The trainer logs it; ``train --dry-run`` prints the same, so the choice is seen before a pod
+    is paid for. Raises ValueError when auto_micro_batch has no budget to plan against."""
+    if not cfg.auto_micro_batch:
+        return cfg, format_plan(plan(cfg, world, strategy))
+    budget = memory_budget(cfg, device)
+    chosen, p = choose_micro_batch(cfg, world, strategy or cfg.distributed.strategy, budget)
+    return chosen, (f"auto_micro_batch: micro-batch {chosen.batch_size} x {chosen.gradient_accumulation_steps} accumulation "
+                    f"(budget {budget / 1e9:.1f} GB) | {format_plan(p)}")

@@ -145,14 +145,9 @@ def _memory_plan(cfg: TrainConfig, dist: Dist) -> tuple[TrainConfig, str | None]
     which term was wrong)."""
     if not cfg.auto_micro_batch and dist.device.type != "cuda":
         return cfg, None
-    from training.memory_plan import choose_micro_batch, format_plan, memory_budget, plan
+    from training.memory_plan import plan_line
 
-    if not cfg.auto_micro_batch:
-        return cfg, format_plan(plan(cfg, dist.world_size, dist.strategy))
-    budget = memory_budget(cfg, dist.device)
-    chosen, p = choose_micro_batch(cfg, dist.world_size, dist.strategy, budget)
-    return chosen, (f"auto_micro_batch: micro-batch {chosen.batch_size} x {chosen.gradient_accumulation_steps} accumulation "
-                    f"(budget {budget / 1e9:.1f} GB) | {format_plan(p)}")
+    return plan_line(cfg, dist.world_size, dist.strategy, dist.device)
 
 
 def _seed_everything(seed: int) -> None:

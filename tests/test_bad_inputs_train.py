@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -118,9 +119,9 @@ def test_a_refused_save_keeps_the_previous_checkpoint(byte_corpus, tmp_path) -> 
 
 
 # 6. an id past the vocabulary in a shard the run never reaches -------------------------------------
-def test_bad_id_in_a_shard_not_yet_reached_fails_the_run(tmp_path) -> None:
-    """Four shards; the one epoch 0 visits last holds an id past the vocabulary. A 2-step run reads
-    only the first: the background scan still stops it, naming the file and the id, exit 2."""
+def four_shards(tmp_path: Path, bad: Callable[[list[int]], int]) -> tuple[Path, Path, int]:
+    """Four byte-level shards under ``data``; the one at index ``bad(epoch 0's visiting order)`` gets
+    id 300 three tokens before its end. Returns the folder, that shard and the id's position."""
     from training.data import TokenStream
 
     docs = stdlib_documents(400_000)
@@ -129,18 +130,63 @@ def test_bad_id_in_a_shard_not_yet_reached_fails_the_run(tmp_path) -> None:
     for i, chunk in enumerate(np.array_split(np.arange(len(docs)), 4)):
         paths.append(data / f"shard_{i:05d}.tok")
         write_token_shard(paths[-1], byte_tokens([docs[j] for j in chunk]), BYTE_VOCAB, BYTE_EOT)
-    last = paths[int(TokenStream(sorted(paths), 42, BYTE_VOCAB).order(0)[-1])]
-    tokens = np.fromfile(last, dtype=np.uint16, offset=64)
+    path = paths[bad([int(i) for i in TokenStream(sorted(paths), 42, BYTE_VOCAB).order(0)])]
+    tokens = np.fromfile(path, dtype=np.uint16, offset=64)
     tokens[-3] = 300
-    last.write_bytes(TokenShardHeader(len(tokens), BYTE_VOCAB, BYTE_EOT, 2).pack() + tokens.tobytes())
+    path.write_bytes(TokenShardHeader(len(tokens), BYTE_VOCAB, BYTE_EOT, 2).pack() + tokens.tobytes())
+    return data, path, len(tokens) - 3
+
+
+def test_bad_id_in_a_shard_not_yet_reached_fails_the_run(tmp_path) -> None:
+    """Four shards; the one epoch 0 visits last holds an id past the vocabulary. A 2-step run reads
+    only the first: the background scan still stops it, naming the file and the id, exit 2."""
+    data, last, at = four_shards(tmp_path, lambda order: order[-1])
     cfg = tiny_config({"train": data, "val": data}, tmp_path, num_steps=2, eval_every=100, seed=42)
     del cfg["val_data"]
     result = train(str(write_config(tmp_path, cfg)))
     assert result.exit_code == 2
-    assert one_line(result.stderr) == f"train: error: {last}: token id 300 at position {len(tokens) - 3} >= model.vocab_size 257"
+    assert one_line(result.stderr) == f"train: error: {last}: token id 300 at position {at} >= model.vocab_size 257"
     assert "step 1/2" in result.output or "step 2/2" in result.output  # it trained while the scan ran
     assert not (tmp_path / "ckpt" / "final.safetensors").exists()
 
+
+def test_the_scan_deals_the_shards_out_over_the_ranks(tmp_path) -> None:
+    """Rank r of w scans every w-th shard, so a node's ranks do not each read the whole corpus; what
+    it clears is marked in the stream, and only an agreed all-clear marks the rest."""
+    from training.data import TokenStream
+    from training.id_scan import IdScan
+
+    data, bad, at = four_shards(tmp_path, lambda order: 0)
+    parts = {}
+    for rank in (0, 1):
+        stream = TokenStream(sorted(data.glob("*.tok")), 42, BYTE_VOCAB)
+        scan = IdScan([stream], rank, 2)
+        scan.wait()
+        parts[rank] = (sorted(stream.checked), scan.clean, scan.found)
+        if rank == 1:
+            scan.cleared_everywhere()
+            assert sorted(stream.checked) == [0, 1, 2, 3]
+    assert parts[1] == ([1, 3], True, None)  # shard 0 is not rank 1's to read
+    assert parts[0] == ([], False, f"{bad}: token id 300 at position {at} >= model.vocab_size 257")
+
+
+
+@pytest.mark.slow  # a 2-rank launch
+def test_a_bad_id_in_another_ranks_part_stops_every_rank_on_one_line(tmp_path, capfd) -> None:
+    """The bad shard is dealt to rank 1's scan and not read by the 2-step run: both ranks stop at the
+    same step, rank 0 prints the line once (no "rank 1:" prefix: every rank raises it), exit 2."""
+    from rich.console import Console
+
+    from orchestrator.launch import launch_training
+
+    data, bad, at = four_shards(tmp_path, lambda order: [i for i in order[1:] if i % 2 == 1][-1])
+    cfg = tiny_config({"train": data, "val": data}, tmp_path, num_steps=2, eval_every=100, seed=42, batch_size=4)
+    del cfg["val_data"]
+    cfg["distributed"] = {"strategy": "ddp", "timeout_s": 60}
+    code = launch_training(write_config(tmp_path, cfg), 2, Console(file=open(os.devnull, "w")))
+    assert code == 2
+    assert one_line(capfd.readouterr().err) == f"train: error: {bad}: token id 300 at position {at} >= model.vocab_size 257"
+    assert not (tmp_path / "ckpt" / "final.safetensors").exists()
 
 # 14. init_from a hub id that is not cached, offline --------------------------------------------------
 def test_init_from_an_uncached_hub_id_offline_is_one_line(byte_corpus, tmp_path, monkeypatch) -> None:

@@ -8,6 +8,11 @@ memory-mapped chunk, 2.6 GB/s per core from the page cache: docs/performance.md)
 runs, and the loop, which looks at :attr:`IdScan.failed` once per step, stops with one line naming
 the file and the id. Shards the scan has cleared are marked in the stream, so the loader does not
 check them again.
+
+On several ranks the shards are dealt out (rank ``r`` takes every ``world``-th), so a node's ranks
+do not each read and reduce the whole corpus: the loop agrees once per step whether any rank found
+a bad id (every rank then stops on that rank's line) and whether every rank has finished, after
+which all shards count as cleared everywhere.
 """
 
 from __future__ import annotations
@@ -19,22 +24,25 @@ from training.token_shards import TokenShardError, check_token_ids
 
 
 class IdScan:
-    """Scan ``streams``' shards for ids at or above their vocabulary, on a daemon thread."""
+    """Scan this rank's part of ``streams``' shards for ids at or above their vocabulary, on a daemon thread."""
 
-    def __init__(self, streams: list[TokenStream]) -> None:
+    def __init__(self, streams: list[TokenStream], rank: int = 0, world_size: int = 1) -> None:
         self.streams = streams
+        self.rank, self.world_size = rank, world_size
         self.error: TokenShardError | None = None
+        self.clean = False  # this rank's whole part scanned, nothing found (a read error leaves it False)
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="token-id-scan", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            for stream in self.streams:
-                for index, path in enumerate(stream.paths):
-                    if index not in stream.checked:
-                        check_token_ids(path, stream.vocab_size, label="model.vocab_size")
-                        stream.checked.add(index)
+            shards = [(stream, index, path) for stream in self.streams for index, path in enumerate(stream.paths)]
+            for stream, index, path in shards[self.rank::self.world_size]:
+                if index not in stream.checked:
+                    check_token_ids(path, stream.vocab_size, label="model.vocab_size")
+                    stream.checked.add(index)
+            self.clean = True
         except TokenShardError as exc:
             self.error = exc
         finally:
@@ -45,11 +53,22 @@ class IdScan:
         return self.error is not None
 
     def wait(self) -> None:
-        """Until every shard is scanned (the end of a run that finished before the scan did)."""
+        """Until this rank's part is scanned (the end of a run that finished before the scan did)."""
         self._done.wait()
 
-    def raise_error(self) -> None:
-        """Finish scanning, then raise what was found (every rank scans the same shards, in one order)."""
-        self.wait()
-        if self.error is not None:
-            raise self.error
+    @property
+    def found(self) -> str | None:
+        """What this rank's part has found so far, as the line to stop on (no waiting for the rest)."""
+        return None if self.error is None else str(self.error)
+
+    def cleared_everywhere(self) -> None:
+        """Every rank's part is :attr:`clean`: no shard needs the loader's check again on this rank."""
+        for stream in self.streams:
+            stream.checked.update(range(len(stream.paths)))
+
+    @staticmethod
+    def raise_first(found: list[str | None]) -> None:
+        """Raise the first bad id any rank found, so every rank stops on the same line."""
+        for message in found:
+            if message is not None:
+                raise TokenShardError(message)

@@ -248,7 +248,8 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
     stop.install()
     agreement = MicroStepAgreement(dist, stop)
     batches = Prefetcher(loader, cfg.num_workers, pin=dist.device.type == "cuda")
-    scan = IdScan(streams)  # every shard's ids, while the first steps run
+    scan = IdScan(streams, dist.rank, dist.world_size)  # every shard's ids, dealt out over the ranks, while the first steps run
+    scanned = False
     result = TrainResult(EXIT_OK, step, tokens_seen, 0.0, best_val_loss=best_val, checkpoint_dir=str(ckpt_dir))
 
     def state(loader_state: dict[str, int]) -> dict[str, Any]:
@@ -338,11 +339,14 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
             if step == cfg.num_steps:
                 scan.wait()  # a run never ends "done" on shards holding ids its model cannot embed
             epoch = batches.state_dict().get("epoch", 0)
-            stopping, timed, bad_ids, epoch_end = dist.any_flag(stop.raised, timed and dist.is_main, scan.failed,
-                                                                cfg.save_every_epoch and epoch > epoch_seen)
+            stopping, timed, bad_ids, epoch_end, unscanned = dist.any_flag(
+                stop.raised, timed and dist.is_main, scan.failed, cfg.save_every_epoch and epoch > epoch_seen, not scan.clean)
             epoch_seen = epoch
-            if bad_ids:
-                dist.agree(scan.raise_error)
+            if bad_ids:  # one rank's part held it: every rank stops on that rank's line
+                dist.agree(lambda: scan.raise_first(dist.gather_objects(scan.found)))
+            if not unscanned and not scanned:
+                scan.cleared_everywhere()
+                scanned = True
             if stopping:
                 result.exit_code = _stop(stop, dist, checkpoints, cfg, log, step, lambda: save([ckpt.step_tag(step)], True))
                 break

@@ -44,10 +44,10 @@ NOT_RUN = {
     "004-1": "installs packages (make test does it)",
     "004-2": "no command needed: podtrain makes its folders",
 }
-# torchrun with two ranks; the whole pipeline; three stages in a row; the SFT chain's later stages (004-10 runs its
-# first, and 004-6 the seed's pretraining line at seq_len 4096); nanoGPT's 6 x 384 model on GPT-2's vocabulary.
-# `pytest -m slow tests/test_coming_from.py` runs them.
-SLOW = {"000-1", "002-6", "004-6", "004-14", "004-11", "004-12", "001-3"}
+# torchrun with two ranks; the whole pipeline; three stages in a row; the SFT chain (004-10 to 004-12: make test
+# fine-tunes in tests/test_sft_train.py); seed 004's pretraining lines at seq_len 4096 (004-6, and 004-7 with its
+# expert flags); nanoGPT's 6 x 384 model on GPT-2's vocabulary. `pytest -m slow tests/test_coming_from.py` runs them.
+SLOW = {"000-1", "002-6", "004-6", "004-7", "004-14", "004-10", "004-11", "004-12", "001-3"}
 
 PROGRAMS = {
     "train": [sys.executable, "-m", "training"],

@@ -115,6 +115,7 @@ def test_a_dead_rank_brings_the_group_down_without_hanging(byte_corpus, tmp_path
     assert "SIGKILL" in out or "Signal 9" in out or "exitcode" in out
 
 
+@pytest.mark.slow  # a 2-rank launch; make test's 2-rank FSDP run is test_two_ranks_match_one_process
 @pytest.mark.parametrize("strategy", ["fsdp"])
 def test_init_from_a_checkpoint_under_two_ranks(byte_corpus, tmp_path, strategy) -> None:
     """Rank 0 reads the weights, the other rank receives them sharded: both evaluate the checkpoint's model."""

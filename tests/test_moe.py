@@ -185,6 +185,7 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "ckpt" / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # 200 steps
 def test_nano_shaped_moe_learns_with_balanced_experts_over_200_steps(byte_corpus, tmp_path) -> None:
     result = train(validate_config(nano_shaped(byte_corpus, tmp_path, num_steps=200, eval_every=100, log_every=50,
                                                save_every=1000)))

@@ -184,6 +184,7 @@ def test_bad_arguments_are_one_line_and_touch_nothing(inputs, tmp_path, args: li
     assert not workspace.exists()
 
 
+@pytest.mark.slow  # a 2-rank launch through the whole pipeline; make test launches 2 ranks in tests/test_distributed.py
 def test_more_than_one_process_trains_through_torchrun(inputs, tmp_path) -> None:
     """The multi-GPU launch path, on two CPU processes (gloo): torchrun, DDP, one checkpoint set."""
     workspace = tmp_path / "ws"

@@ -50,7 +50,7 @@ def compiled_config(corpus, out: Path, strategy: str, ac: bool) -> dict:
     return cfg
 
 
-@pytest.mark.parametrize("ac", [False, True], ids=["no-ac", "ac"])
+@pytest.mark.parametrize("ac", [pytest.param(False, marks=pytest.mark.slow), True], ids=["no-ac", "ac"])  # make test: with AC
 @pytest.mark.parametrize("strategy", ["none", pytest.param("ddp", marks=pytest.mark.slow), pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_every_block_is_compiled_under_every_strategy(byte_corpus, tmp_path, strategy, ac) -> None:
     path = write(compiled_config(byte_corpus, tmp_path, strategy, ac), tmp_path)

@@ -30,7 +30,7 @@ from orchestrator.workspace import HF_CACHE_VARIABLES, Layout, LayoutError
 from sharder.errors import ShardError, ShardInterrupted
 from sharder.manifest import ManifestError, load_manifest
 from sharder.pipeline import ShardOptions, run_shard
-from training.checkpoint import list_tags
+from training.checkpoint_tags import list_tags
 from training.config import ConfigError, TrainConfig, dump_config, load_config, read_config_file, validate_config
 from training.token_shards import TOKEN_SUFFIX, TokenShardError, read_header
 from training.tokenizer_bundle import META_FILE, TOKENIZER_FILE, TokenizerBundle, TokenizerError

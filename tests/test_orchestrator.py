@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import stdlib_documents
-from training.checkpoint import list_tags
+from training.checkpoint_tags import list_tags
 from training.config import load_config
 
 STAGES = ["layout", "shard", "tokenizer", "emit", "train"]
@@ -111,6 +111,14 @@ def test_changed_setting_redoes_only_the_stages_after_it(inputs, first_run) -> N
              if "loss" in json.loads(line) and "step" in json.loads(line)]
     assert steps[-2:] == [5, 6] and steps.count(5) == 1  # resumed, not restarted
     assert (6, "final") in list_tags(run / "checkpoints")
+
+
+def test_orchestrate_starts_without_torch_or_datasets() -> None:
+    """Every `orchestrate` command (help, pod, the pipeline's planning) loads without torch and
+    datasets, about a second each, which only the stages that need them import."""
+    code = "import sys, orchestrator.cli, orchestrator.pipeline; print(sorted({'torch', 'datasets'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
 def test_dry_run_prints_the_plan_and_touches_nothing(inputs, first_run, tmp_path) -> None:

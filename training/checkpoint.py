@@ -22,7 +22,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,14 +33,13 @@ import safetensors
 import torch
 
 from training.atomic import atomic_path, atomic_write_json
+from training.checkpoint_tags import DCP_SUFFIX, SHARDED_META, STEP_TAG, list_tags
 
 FORMAT = "podtrain-checkpoint-1"
 SUFFIXES = (".state.pt", ".config.json", ".safetensors")  # write order: weights last
 # A sharded tag (FSDP runs, training/sharded_checkpoint.py) is a folder <tag>.dcp holding DCP's files and these:
-DCP_SUFFIX = ".dcp"
-SHARDED_META, SHARDED_STATE, SHARDED_CONFIG = "podtrain.json", "state.pt", "config.json"
+SHARDED_STATE, SHARDED_CONFIG = "state.pt", "config.json"  # beside checkpoint_tags.SHARDED_META
 DCP_METADATA = ".metadata"  # written by DCP's coordinator once every rank's shard is on disk
-_STEP_TAG = re.compile(r"^step(\d+)$")
 _OTHER_STEP_NAME = re.compile(r"^(?:checkpoint-|step[-_]?)?(\d+)$")  # seed 004's checkpoint-1000, step1000, 1000
 LATEST = "latest"  # every save also links this tag (seed 004's latest.pt)
 
@@ -377,37 +375,6 @@ def load_tag(directory: str | Path, tag: str) -> Loaded:
     return Loaded(tag, int(state["step"]), weights, state, config)
 
 
-def list_tags(directory: str | Path) -> list[tuple[int, str]]:
-    """(step, tag) of every tag with a weights file, newest first (step tags before best/final at a tie).
-
-    A weights file whose header cannot be read sorts first, so that resuming reports it as broken.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = []
-    for path in directory.glob("*.safetensors"):
-        tag = path.name[: -len(".safetensors")]
-        if tag.startswith("."):
-            continue
-        try:
-            with safetensors.safe_open(str(path), framework="pt") as fh:
-                step = int((fh.metadata() or {}).get("step", -1))
-        except Exception:  # unreadable header: rank it first so find_latest reports it, then falls back
-            step = sys.maxsize
-        found.append((step, 0 if _STEP_TAG.match(tag) else 1, tag))
-    for path in directory.glob(f"*{DCP_SUFFIX}"):
-        tag = path.name[: -len(DCP_SUFFIX)]
-        if tag.startswith(".") or not path.is_dir() or any(t == tag for _, _, t in found):
-            continue
-        try:
-            step = int(json.loads((path / SHARDED_META).read_text(encoding="utf-8"))["step"])
-        except (OSError, ValueError, KeyError, TypeError):
-            step = sys.maxsize
-        found.append((step, 0 if _STEP_TAG.match(tag) else 1, tag))
-    return [(step, tag) for step, _, tag in sorted(found, key=lambda t: (-t[0], t[1], t[2]))]
-
-
 def find_latest(directory: str | Path, warn: Callable[[str], None]) -> Loaded | None:
     """The newest whole checkpoint in ``directory``; broken newer ones are reported through ``warn``.
 
@@ -452,7 +419,7 @@ def _existing(directory: Path) -> str:
 def prune(directory: str | Path, keep_last_n: int, protect: set[str]) -> list[str]:
     """Delete step tags beyond the newest ``keep_last_n``; never ``best``, ``final`` or ``protect``."""
     directory = Path(directory)
-    steps = sorted((int(m.group(1)), tag) for _, tag in list_tags(directory) if (m := _STEP_TAG.match(tag)))
+    steps = sorted((int(m.group(1)), tag) for _, tag in list_tags(directory) if (m := STEP_TAG.match(tag)))
     doomed = [tag for _, tag in steps[:-keep_last_n] if tag not in protect] if len(steps) > keep_last_n else []
     for tag in doomed:
         remove_files_tag(directory, tag)

@@ -24,7 +24,7 @@ from rich.console import Console
 from orchestrator.launch import PipelineError, TrainingExit, launch_training, training_summary
 from orchestrator.sft.cli import sft_dir
 from orchestrator.workspace import Layout
-from training.checkpoint import list_tags
+from training.checkpoint_tags import list_tags
 from training.config import (PRETRAIN_SCHEDULE, SFT_STAGES, ConfigError, TrainConfig, canonical_paths, drop_pretraining_schedule,
                              dump_config, load_config, read_config_file, validate_config)
 from training.sft.records import STAGE_FILES

@@ -116,18 +116,24 @@ def test_sigterm_between_micro_batches_resumes_on_the_same_curve(byte_corpus, tm
     settings = dict(batch_size=2, gradient_accumulation_steps=16, eval_every=1000, save_every=1000, val_data=None,
                     scheduler__total_steps=200)
     reference = train(validate_config(tiny_config(byte_corpus, tmp_path / "ref", num_steps=8, **settings)))
-    out = tmp_path / "stopped"
-    path = write(tiny_config(byte_corpus, out, num_steps=200, **settings), out)
-    proc = subprocess.Popen([sys.executable, "-m", "training", str(path)], cwd=out, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    metrics = out / "ckpt" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        time.sleep(0.05)
-    time.sleep(0.03)  # inside the next step's micro-batches
-    proc.send_signal(signal.SIGTERM)
-    stdout, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stdout[-3000:]
+    # The signal is meant to land inside a step's micro-batches; sent by the clock it sometimes lands
+    # in the step's tail (optimizer, metrics, TensorBoard), which is the plain stop. Each try is a
+    # fresh run of ~3 s; the cut-short path must show within five.
+    for attempt in range(5):
+        out = tmp_path / f"stopped{attempt}"
+        path = write(tiny_config(byte_corpus, out, num_steps=200, **settings), out)
+        proc = subprocess.Popen([sys.executable, "-m", "training", str(path)], cwd=out, env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        metrics = out / "ckpt" / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            time.sleep(0.01)
+        time.sleep(0.03)  # inside the next step's micro-batches
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 143, stdout[-3000:]
+        if "cut short by the stop signal" in stdout:
+            break
     assert "cut short by the stop signal" in stdout, stdout[-3000:]
     done = max(losses(out))
     assert (out / "ckpt" / f"step{done:07d}.safetensors").exists()  # no older than the last completed step

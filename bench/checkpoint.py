@@ -48,7 +48,7 @@ def vm_mb(field: str) -> float:
 
 
 def worker(mode: str, config_path: str) -> None:
-    """One rank under torchrun: build, one step, one save; prints ``RESULT {json}``."""
+    """One rank under torchrun: build, one step, one save; writes ``<mode>-rank<N>.result.json`` beside the config."""
     import torch
 
     from training import checkpoint as ckpt
@@ -80,7 +80,8 @@ def worker(mode: str, config_path: str) -> None:
     whole = time.perf_counter() - t0
     report = {"mode": mode, "rank": dist.rank, "stall_s": stall, "whole_s": whole, "rss_before_mb": before,
               "peak_rss_mb": vm_mb("VmHWM"), "save_extra_mb": vm_mb("VmHWM") - before}
-    print("RESULT " + json.dumps(report), flush=True)
+    # a file per rank: two ranks printing to one stdout can share a line
+    Path(config_path).with_name(f"{mode}-rank{dist.rank}.result.json").write_text(json.dumps(report))
     dist.shutdown()
 
 
@@ -97,8 +98,7 @@ def run_mode(mode: str, args, scratch: Path) -> list[dict]:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode:
         raise SystemExit(f"bench/checkpoint.py: {mode} failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
-    rows = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
-    rows.sort(key=lambda r: r["rank"])
+    rows = [json.loads((scratch / f"{mode}-rank{rank}.result.json").read_text()) for rank in (0, 1)]
     size = sum(f.stat().st_size for f in (scratch / mode).rglob("*") if f.is_file())
     for r in rows:
         r["bytes_on_disk"] = size

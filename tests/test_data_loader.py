@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -68,6 +70,20 @@ def test_prefetcher_state_is_that_of_the_consumed_batch(counting_shards) -> None
         assert fetched.state_dict() == plain.state_dict()
     fetched.close()
 
+
+
+def test_prefetcher_close_waits_for_its_thread(counting_shards) -> None:
+    """A prefetch thread left inside a torch call at interpreter exit aborts the process (exit -6
+    after a good run, seen under load in a 2-rank run): close() returns only once it has ended."""
+    class SlowLoader(BatchLoader):
+        def next_batch(self):
+            time.sleep(0.3)  # the thread is inside a read when close() is called
+            return super().next_batch()
+
+    fetched = Prefetcher(SlowLoader(TokenStream(counting_shards, seed=1, vocab_size=1000), 2, 8), depth=2)
+    fetched.next_batch()
+    fetched.close()
+    assert not fetched._thread.is_alive()
 
 def test_ranks_split_the_single_process_batch(counting_shards) -> None:
     single = BatchLoader(TokenStream(counting_shards, seed=2, vocab_size=1000), batch_size=4, seq_len=6)

@@ -295,10 +295,15 @@ class Prefetcher:
         return dict(self._state)
 
     def close(self) -> None:
+        """Stop the thread and wait for it. Left running, it may be inside a torch call when the
+        interpreter exits: the thread is then ended inside C++, which aborts the process ("terminate
+        called without an active exception", exit -6) after a run that succeeded."""
         self._stop.set()
         close = getattr(self.loader, "close", None)  # a text reader's tokenizing thread (the SFT loader holds none)
         if close is not None:
-            close()
+            close()  # a read waiting on it fails instead of hanging, so the join below ends
+        if self._queue is not None:
+            self._thread.join()
 
 
 def iter_eval_batches(stream: WindowStream, batch_size: int, seq_len: int, steps: int, rank: int, world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -282,7 +282,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
             out = train_step(net, batches, optimizer, scaler, precision, dist, cfg.gradient_accumulation_steps,
                              cfg.optimizer.grad_clip, agreement)
             if out is None:  # a stop signal cut the step short: the last completed step is the resume point
-                optimizer.zero_grad(set_to_none=True)
+                dist.zero_grad(optimizer)
                 log.info(f"step {step + 1} cut short by the stop signal: its partial gradients are dropped")
                 result.exit_code = _stop(stop, dist, checkpoints, cfg, log, step, lambda: save([ckpt.step_tag(step)], True, boundary))
                 break
@@ -300,7 +300,7 @@ def train(cfg: TrainConfig, *, config_path: str | Path | None = None, resume: st
                 scaler.update()
                 bad_steps += 1
                 log.warn(f"non-finite loss at step {step + 1} ({bad_steps}/{cfg.max_bad_steps} in a row): step skipped")
-            optimizer.zero_grad(set_to_none=True)
+            dist.zero_grad(optimizer)
             checkpoints.poll()
             if first_step and finite:  # compilation and warm-up: not part of the throughput window
                 first_step = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sysconfig
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,14 @@ def tiny_config(corpus: dict[str, Path], out: Path, **overrides: object) -> dict
         node[parts[-1]] = value
     return cfg
 
+
+
+def wait_for_metric_lines(metrics: Path, count: int, timeout: float, poll: float = 0.2) -> None:
+    """Until a running trainer's ``metrics.jsonl`` holds ``count`` lines, or ``timeout`` seconds
+    pass: the run is under way, so a signal sent now lands mid-run."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= count):
+        time.sleep(poll)
 
 def write_byte_tokenizer(directory: Path) -> Path:
     """A real ``tokenizers`` tokenizer.json whose ids are the UTF-8 bytes (256 = end-of-text): it

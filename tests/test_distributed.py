@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_config
+from conftest import tiny_config, wait_for_metric_lines
 from rank_reports import read_reports
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -86,9 +86,7 @@ def test_sigterm_mid_run_then_resume_follows_the_same_curve(byte_corpus, tmp_pat
     proc = subprocess.Popen([*TORCHRUN, "-m", "training", str(config)], cwd=tmp_path, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     metrics = tmp_path / "ckpt" / "metrics.jsonl"
-    deadline = time.time() + 90
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.2)
+    wait_for_metric_lines(metrics, 3, 90)
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks, as a stopping pod does
     out, _ = proc.communicate(timeout=90)
     assert "stopped by signal" in out, out[-3000:]

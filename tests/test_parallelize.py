@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_config
+from conftest import tiny_config, wait_for_metric_lines
 from rank_reports import read_reports
 from training.config import validate_config
 from training.trainer import train
@@ -125,9 +125,7 @@ def test_sigterm_between_micro_batches_resumes_on_the_same_curve(byte_corpus, tm
         proc = subprocess.Popen([sys.executable, "-m", "training", str(path)], cwd=out, env=ENV, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         metrics = out / "ckpt" / "metrics.jsonl"
-        deadline = time.time() + 120
-        while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-            time.sleep(0.01)
+        wait_for_metric_lines(metrics, 2, 120, poll=0.01)
         time.sleep(0.03)  # inside the next step's micro-batches
         proc.send_signal(signal.SIGTERM)
         stdout, _ = proc.communicate(timeout=120)

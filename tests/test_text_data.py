@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import stdlib_documents, tiny_config
+from conftest import stdlib_documents, tiny_config, wait_for_metric_lines
 from training.config import validate_config
 from training.data import DataError, resolve_inputs
 from training.text_data import TextStream, inspect_file
@@ -292,9 +291,7 @@ def test_sigterm_on_text_then_resume_reads_the_same_tokens(gpt2_folder, parquet_
     proc = subprocess.Popen([sys.executable, "-m", "training", str(stopped)], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     metrics = tmp_path / "stopped" / "ckpt" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 5):
-        time.sleep(0.2)
+    wait_for_metric_lines(metrics, 6, 120)
     proc.terminate()
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, out

@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import tiny_config, wait_for_metric_lines
 from training import checkpoint as ckpt
 from training.config import validate_config
 from training.model import Transformer
@@ -114,9 +114,7 @@ def test_sigterm_saves_and_exits_143_then_resume_continues(byte_corpus, tmp_path
     cfg_path.write_text(yaml.safe_dump(tiny_config(byte_corpus, tmp_path, num_steps=100000, save_every=100000, eval_every=100000)))
     proc = _spawn_cli([str(cfg_path)], tmp_path)
     metrics = tmp_path / "ckpt" / "metrics.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 5):
-        time.sleep(0.2)
+    wait_for_metric_lines(metrics, 6, 60)
     proc.terminate()
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, out
